@@ -1,0 +1,29 @@
+# leukflow: blood-smear fields -> white-cell ROIs -> CNN embeddings -> fold-wise
+# classifiers and metrics. This file is the table of contents; each stage lives
+# in workflow/rules/<stage>.smk and calls the library in src/leukflow.
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+# A user's --configfile replaces the demo config as a whole (no merging of
+# dataset lists); the schema's defaults fill in every key it leaves out.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/ingest.smk"
+include: "workflow/rules/segment.smk"
+include: "workflow/rules/folds.smk"
+include: "workflow/rules/train.smk"
+include: "workflow/rules/embed.smk"
+include: "workflow/rules/evaluate.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        final_outputs(),

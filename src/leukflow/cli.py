@@ -1,0 +1,58 @@
+"""The ``leukflow`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from leukflow import __version__
+
+
+def _demo_data(args: argparse.Namespace) -> int:
+    from leukflow.demo import draw_demo_dataset
+    from leukflow.runlog import start_log
+
+    log = start_log("demo_data", params=vars(args) | {"func": None})
+    labels = draw_demo_dataset(
+        args.out, n_fields=args.n, seed=args.seed, fields_per_patient=args.fields_per_patient
+    )
+    log.info(
+        "wrote %d fields of %d patients to %s (labels.csv, cells.csv, images/)",
+        len(labels), labels["patient"].nunique(), args.out,
+    )  # fmt: skip
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Argument parser of the ``leukflow`` command."""
+    parser = argparse.ArgumentParser(
+        prog="leukflow",
+        description="Detect acute lymphoblastic leukemia in blood-smear images. "
+        "The pipeline itself runs with `snakemake`; see README.md.",
+    )
+    parser.add_argument("--version", action="version", version=f"leukflow {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo-data", help="draw the synthetic demo dataset")
+    demo.add_argument("out", help="output folder (created)")
+    demo.add_argument("--n", type=int, default=60, help="number of fields (default 60)")
+    demo.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    demo.add_argument(
+        "--fields-per-patient", type=int, default=3, help="fields per patient (default 3)"
+    )
+    demo.set_defaults(func=_demo_data)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``leukflow`` console command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as err:
+        print(f"leukflow {args.command}: error: {err}", file=sys.stderr)  # noqa: T201
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""File formats: images, tables, ROI crop stores, embedding stores, checkpoints.
+
+Every other module works on arrays and DataFrames; this is the only place that
+knows how they sit on disk. Writers are atomic: they write to a temporary
+sibling and rename it into place, so a killed job never leaves a half-written
+file under its final name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import zarr
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+#: Fields above this many pixels are refused as possible decompression bombs.
+MAX_IMAGE_PIXELS = 100_000_000
+
+
+class InvalidInputError(ValueError):
+    """A file that cannot be used, with a machine-readable ``reason`` code.
+
+    Parameters
+    ----------
+    reason : str
+        Short code written to ``rejects.csv`` (``unreadable``, ``empty_file``...).
+    message : str
+        Human-readable explanation naming the file.
+    """
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path``; rename it onto ``path`` on success.
+
+    Works for files and directories (zarr stores). On an exception the
+    temporary is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent)) / path.name
+    try:
+        yield tmp
+        if path.is_dir():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+
+
+def write_table(df: pd.DataFrame, path: str | Path) -> None:
+    """Write ``df`` atomically as parquet or CSV, chosen by the file suffix."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        if path.suffix == ".parquet":
+            df.to_parquet(tmp, index=False)
+        elif path.suffix == ".csv":
+            df.to_csv(tmp, index=False)
+        else:
+            raise ValueError(f"write_table: unsupported suffix {path.suffix!r} for {path}")
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read a parquet or CSV table written by :func:`write_table`."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path)
+    if path.suffix == ".csv":
+        return pd.read_csv(path)
+    raise ValueError(f"read_table: unsupported suffix {path.suffix!r} for {path}")
+
+
+# ---------------------------------------------------------------------- images
+
+
+def sha256_file(path: str | Path, block_size: int = 1 << 20) -> str:
+    """Return the hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(block_size):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file as an RGB array.
+
+    Grey, palette, RGBA, CMYK and 16-bit images are converted to 8-bit RGB
+    (alpha is dropped).
+
+    Parameters
+    ----------
+    path : str or Path
+        Image file in any format Pillow reads.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W, 3)`` uint8 RGB array.
+
+    Raises
+    ------
+    InvalidInputError
+        With reason ``missing_file``, ``empty_file``, ``not_an_image``,
+        ``too_large`` or ``unreadable``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError("missing_file", f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise InvalidInputError("empty_file", f"{path}: file is empty (0 bytes)")
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise InvalidInputError(
+                    "too_large",
+                    f"{path}: {im.width}x{im.height} pixels exceeds the limit of "
+                    f"{MAX_IMAGE_PIXELS} (possible decompression bomb)",
+                )
+            im.load()
+            return _to_rgb8(im)
+    except UnidentifiedImageError as err:
+        raise InvalidInputError("not_an_image", f"{path}: not an image file ({err})") from err
+    except (OSError, SyntaxError, ValueError) as err:
+        if isinstance(err, InvalidInputError):
+            raise
+        raise InvalidInputError("unreadable", f"{path}: cannot decode image ({err})") from err
+
+
+def _to_rgb8(im: Image.Image) -> np.ndarray:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = arr.max() if arr.max() > 0 else 1.0
+        grey = np.round(arr / top * 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def write_image(rgb: np.ndarray, path: str | Path) -> None:
+    """Write a uint8 RGB array as PNG (or any format the suffix names)."""
+    with atomic_path(path) as tmp:
+        Image.fromarray(rgb).save(tmp, format=Image.registered_extensions()[Path(path).suffix])
+
+
+# ------------------------------------------------------------ ROI crop stores
+
+
+def write_crops(crops: np.ndarray, path: str | Path, attrs: Mapping[str, Any]) -> None:
+    """Write ROI crops as one chunked zarr v3 array, atomically.
+
+    Parameters
+    ----------
+    crops : numpy.ndarray
+        ``(n_rois, S, S, 3)`` uint8.
+    path : str or Path
+        Store directory (``.zarr``).
+    attrs : mapping
+        JSON-serialisable metadata kept with the array.
+    """
+    if crops.ndim != 4 or crops.shape[-1] != 3 or crops.dtype != np.uint8:
+        raise ValueError(
+            f"write_crops: expected (n, S, S, 3) uint8 crops; got {crops.shape} {crops.dtype}"
+        )
+    with atomic_path(path) as tmp:
+        arr = zarr.create_array(
+            store=str(tmp),
+            shape=crops.shape,
+            chunks=(256, *crops.shape[1:]),
+            dtype="uint8",
+            attributes=dict(attrs),
+            zarr_format=3,
+        )
+        if len(crops):
+            arr[:] = crops
+
+
+def read_crops(path: str | Path) -> np.ndarray:
+    """Read all ROI crops of a store written by :func:`write_crops`."""
+    return np.asarray(zarr.open_array(str(path), mode="r")[:])
+
+
+# ---------------------------------------------------------- embedding stores
+
+
+def write_embeddings(
+    arrays: Mapping[str, np.ndarray],
+    path: str | Path,
+    attrs: Mapping[str, Any],
+    array_attrs: Mapping[str, Mapping[str, Any]] | None = None,
+) -> None:
+    """Write one float32 ``(n_rois, dim)`` array per fold into a zarr v3 group.
+
+    Parameters
+    ----------
+    arrays : mapping of str to numpy.ndarray
+        Array name (``fold_0``...) to ``(n_rois, dim)`` embeddings.
+    path : str or Path
+        Store directory (``.zarr``), replaced atomically.
+    attrs : mapping
+        Group attributes (architecture, input size, version...).
+    array_attrs : mapping, optional
+        Array name -> its own attributes (weights hash, normalisation...).
+    """
+    with atomic_path(path) as tmp:
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        group.attrs.update(dict(attrs))
+        for name, emb in arrays.items():
+            emb = np.asarray(emb, dtype=np.float32)
+            if emb.ndim != 2:
+                raise ValueError(f"write_embeddings: {name} must be 2-D; got {emb.shape}")
+            arr = group.create_array(
+                name,
+                shape=emb.shape,
+                chunks=(4096, emb.shape[1]),
+                dtype="float32",
+                attributes=dict((array_attrs or {}).get(name, {})),
+            )
+            if len(emb):
+                arr[:] = emb
+
+
+def open_embeddings(path: str | Path) -> zarr.Group:
+    """Open an embedding store read-only; arrays are read lazily by slice."""
+    return zarr.open_group(str(path), mode="r")

@@ -1,0 +1,70 @@
+# Config validation and the input functions shared by the stage rules.
+
+from pathlib import Path
+
+from leukflow.config import validate_config
+
+validate_config(
+    config,
+    sources=workflow.overwrite_configfiles or workflow.configfiles,
+    schema_path=workflow.source_path("../schemas/config.schema.yaml"),
+)
+
+RESULTS = config["results_dir"]
+DATASETS = config["datasets"]
+DEMO_DATASETS = {n: d for n, d in DATASETS.items() if d["format"] == "demo"}
+ENCODERS = config["encoders"]
+CLASSIFIERS = config["classifiers"]
+FOLDS = list(range(config["folds"]["k"]))
+
+
+wildcard_constraints:
+    dataset="|".join(DATASETS),
+    encoder="|".join(ENCODERS),
+    fold=r"\d+",
+
+
+def result(path):
+    return f"{RESULTS}/{path}"
+
+
+def logfile(path):
+    return f"{RESULTS}/logs/{path}"
+
+
+def benchfile(path):
+    return f"{RESULTS}/benchmarks/{path}"
+
+
+def dataset_roots(wildcards):
+    return [d["root"] for d in DATASETS.values()]
+
+
+def fold_checkpoints(wildcards):
+    return expand(
+        result("train/{dataset}/{encoder}/fold_{fold}.pt"),
+        dataset=wildcards.dataset,
+        encoder=wildcards.encoder,
+        fold=FOLDS,
+    )
+
+
+def final_outputs():
+    return [
+        result("manifest.parquet"),
+        result("rejects.csv"),
+        result("rois.parquet"),
+        result("folds.csv"),
+        result("metrics.csv"),
+        *expand(
+            result("embeddings/{dataset}/{encoder}.zarr"),
+            dataset=DATASETS,
+            encoder=ENCODERS,
+        ),
+        *expand(
+            result("plots/{dataset}/{encoder}/{classifier}_confusion.png"),
+            dataset=DATASETS,
+            encoder=ENCODERS,
+            classifier=CLASSIFIERS,
+        ),
+    ]

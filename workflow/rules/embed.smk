@@ -1,0 +1,22 @@
+# Embed: every ROI through each fold's encoder -> one zarr store per dataset x encoder.
+
+
+rule embed_rois:
+    input:
+        checkpoints=fold_checkpoints,
+        rois=result("segment/{dataset}/rois.parquet"),
+        crops=result("segment/{dataset}/crops.zarr"),
+    output:
+        store=directory(result("embeddings/{dataset}/{encoder}.zarr")),
+        ids=result("embeddings/{dataset}/{encoder}_rois.parquet"),
+    log:
+        logfile("embed/{dataset}/{encoder}.log"),
+    benchmark:
+        benchfile("embed/{dataset}/{encoder}.tsv")
+    conda:
+        "../../envs/leukflow.yaml"
+    threads: 2
+    resources:
+        mem_mb=4000,
+    script:
+        "../scripts/embed_rois.py"

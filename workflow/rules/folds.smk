@@ -1,0 +1,20 @@
+# Folds: manifest -> folds.csv (StratifiedGroupKFold by patient, leakage-checked).
+
+
+rule assign_folds:
+    input:
+        manifest=result("manifest.parquet"),
+    output:
+        folds=result("folds.csv"),
+    log:
+        logfile("folds/assign_folds.log"),
+    benchmark:
+        benchfile("folds/assign_folds.tsv")
+    localrule: True
+    conda:
+        "../../envs/leukflow.yaml"
+    params:
+        k=config["folds"]["k"],
+        seed=config["folds"]["seed"],
+    script:
+        "../scripts/assign_folds.py"

@@ -1,0 +1,43 @@
+# Ingest: dataset folders as downloaded -> manifest.parquet + rejects.csv.
+
+for _name, _ds in DEMO_DATASETS.items():
+
+    rule:
+        name:
+            f"draw_demo_data_{_name}"
+        output:
+            directory(_ds["root"]),
+        log:
+            logfile(f"ingest/draw_demo_data_{_name}.log"),
+        benchmark:
+            benchfile(f"ingest/draw_demo_data_{_name}.tsv")
+        localrule: True
+        conda:
+            "../../envs/leukflow.yaml"
+        params:
+            n_fields=_ds["n_fields"],
+            seed=_ds["seed"],
+            fields_per_patient=_ds["fields_per_patient"],
+        script:
+            "../scripts/draw_demo_data.py"
+
+
+rule ingest_images:
+    input:
+        dataset_roots,
+    output:
+        manifest=result("manifest.parquet"),
+        rejects=result("rejects.csv"),
+    log:
+        logfile("ingest/ingest_images.log"),
+    benchmark:
+        benchfile("ingest/ingest_images.tsv")
+    conda:
+        "../../envs/leukflow.yaml"
+    params:
+        datasets={
+            n: {"format": d["format"], "root": d["root"]} for n, d in DATASETS.items()
+        },
+        min_size_px=config["ingest"]["min_size_px"],
+    script:
+        "../scripts/ingest_images.py"

@@ -1,0 +1,12 @@
+"""Rule assign_folds: manifest -> folds.csv, grouped by patient, leakage-checked."""
+
+from leukflow.folds import assign_folds
+from leukflow.io import read_table, write_table
+from leukflow.runlog import start_log
+
+log = start_log("assign_folds", snakemake.log[0], dict(snakemake.params))
+folds = assign_folds(
+    read_table(snakemake.input.manifest), k=snakemake.params.k, seed=snakemake.params.seed
+)
+write_table(folds, snakemake.output.folds)
+log.info("%d images in %d folds, no patient on both sides", len(folds), snakemake.params.k)

@@ -1,0 +1,13 @@
+"""Rule draw_demo_data: draw the built-in synthetic smear dataset."""
+
+from leukflow.demo import draw_demo_dataset
+from leukflow.runlog import start_log
+
+log = start_log("draw_demo_data", snakemake.log[0], dict(snakemake.params))
+labels = draw_demo_dataset(
+    snakemake.output[0],
+    n_fields=snakemake.params.n_fields,
+    seed=snakemake.params.seed,
+    fields_per_patient=snakemake.params.fields_per_patient,
+)
+log.info("drew %d fields of %d patients", len(labels), labels["patient"].nunique())

@@ -1,0 +1,11 @@
+"""Rules gather_rois and summarise_metrics: concatenate per-dataset tables."""
+
+import pandas as pd
+
+from leukflow.io import read_table, write_table
+from leukflow.runlog import start_log
+
+log = start_log(snakemake.rule, snakemake.log[0])
+table = pd.concat([read_table(path) for path in snakemake.input], ignore_index=True)
+write_table(table, snakemake.output[0])
+log.info("%d rows from %d tables -> %s", len(table), len(snakemake.input), snakemake.output[0])
