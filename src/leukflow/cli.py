@@ -24,6 +24,21 @@ def _demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _metrics(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    path = f"{args.results_dir}/metrics.csv"
+    metrics = pd.read_csv(path)
+    keys = ["dataset", "encoder", "classifier", "level"]
+    cols = ["accuracy", "sensitivity", "specificity", "f1", "roc_auc"]
+    mean = metrics[metrics["fold"] == "mean"].set_index(keys)[cols]
+    std = metrics[metrics["fold"] == "std"].set_index(keys)[cols]
+    table = mean.map("{:.3f}".format) + " ± " + std.map("{:.3f}".format)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(f"{path}: mean ± std over folds\n{table.to_string()}")  # noqa: T201
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of the ``leukflow`` command."""
     parser = argparse.ArgumentParser(
@@ -41,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--fields-per-patient", type=int, default=3, help="fields per patient (default 3)"
     )
     demo.set_defaults(func=_demo_data)
+    show = sub.add_parser("metrics", help="print the mean ± std metrics of a finished run")
+    show.add_argument("results_dir", help="the run's results_dir")
+    show.set_defaults(func=_metrics)
     return parser
 
 
@@ -49,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         print(f"leukflow {args.command}: error: {err}", file=sys.stderr)  # noqa: T201
         return 2
 

@@ -114,6 +114,8 @@ def aggregate_images(
     images : pandas.DataFrame
         ``image_id, label, fold`` of every image, those without ROIs included:
         they are called negative with score 0 (no white cell, no blast seen).
+        The negative call is the one other label when there are two, else
+        ``not_<positive_label>``.
     positive_label : str
         The positive class.
     method : str
@@ -130,7 +132,8 @@ def aggregate_images(
         raise ValueError(
             f"aggregate_images: method must be vote or mean_probability; got {method!r}"
         )
-    negative = "not_" + positive_label
+    others = sorted(set(images["label"]) - {positive_label})
+    negative = others[0] if len(others) == 1 else "not_" + positive_label
     rows = []
     for clf, preds in roi_predictions.groupby("classifier", sort=False):
         per_image = preds.groupby("image_id").agg(

@@ -14,6 +14,8 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -161,6 +163,30 @@ def write_image(rgb: np.ndarray, path: str | Path) -> None:
         Image.fromarray(rgb).save(tmp, format=Image.registered_extensions()[Path(path).suffix])
 
 
+def read_voc_boxes(path: str | Path, name: str = "WBC") -> pd.DataFrame:
+    """Read the boxes of one object class from a Pascal VOC annotation file.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``x0, y0, x1, y1`` in pixels, one row per object named ``name``.
+    """
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError) as err:
+        raise InvalidInputError(
+            "unreadable", f"{path}: cannot parse VOC annotation ({err})"
+        ) from err
+    rows = []
+    for obj in root.iter("object"):
+        box = obj.find("bndbox")
+        if (obj.findtext("name") or "").strip() != name or box is None:
+            continue
+        corners = [box.findtext(tag) for tag in ("xmin", "ymin", "xmax", "ymax")]
+        rows.append(dict(zip(("x0", "y0", "x1", "y1"), map(float, corners), strict=True)))
+    return pd.DataFrame(rows, columns=["x0", "y0", "x1", "y1"])
+
+
 # ------------------------------------------------------------ ROI crop stores
 
 
@@ -238,6 +264,10 @@ def write_embeddings(
                 arr[:] = emb
 
 
-def open_embeddings(path: str | Path) -> zarr.Group:
-    """Open an embedding store read-only; arrays are read lazily by slice."""
-    return zarr.open_group(str(path), mode="r")
+def open_embeddings(path: str | Path) -> dict[str, zarr.Array]:
+    """Open an embedding store read-only: array name -> lazily sliced zarr array."""
+    group = zarr.open_group(str(path), mode="r")
+    with warnings.catch_warnings():
+        # Snakemake marks directory outputs with a .snakemake_timestamp file.
+        warnings.filterwarnings("ignore", message=".*snakemake_timestamp")
+        return dict(group.arrays())

@@ -216,3 +216,29 @@ def segment_images(
         return pd.DataFrame(columns=ROI_COLUMNS), np.zeros((0, size, size, 3), np.uint8)
     rois = pd.concat([r for r, _ in results], ignore_index=True)
     return rois[ROI_COLUMNS], np.concatenate([c for _, c in results])
+
+
+def match_rois_to_boxes(rois: pd.DataFrame, boxes: pd.DataFrame) -> tuple[int, int]:
+    """Count annotated cells that a ROI hits, and ROIs that hit no cell.
+
+    A ROI hits a box when the centroid of its segmented region lies inside it.
+
+    Parameters
+    ----------
+    rois : pandas.DataFrame
+        ``centroid_x, centroid_y`` of one image's ROIs.
+    boxes : pandas.DataFrame
+        ``x0, y0, x1, y1`` of the same image's annotated white cells.
+
+    Returns
+    -------
+    hits : int
+        Boxes containing at least one ROI centroid.
+    false_rois : int
+        ROIs whose centroid lies in no box.
+    """
+    cx = rois["centroid_x"].to_numpy()[:, None]
+    cy = rois["centroid_y"].to_numpy()[:, None]
+    b = boxes[["x0", "y0", "x1", "y1"]].to_numpy(dtype=float)
+    inside = (cx >= b[:, 0]) & (cx <= b[:, 2]) & (cy >= b[:, 1]) & (cy <= b[:, 3])
+    return int(inside.any(axis=0).sum()), int((~inside.any(axis=1)).sum())

@@ -14,8 +14,8 @@ log = start_log("fit_classifiers", snakemake.log[0], dict(p))
 folds = read_table(snakemake.input.folds)
 folds = folds[folds["dataset"] == dataset]
 rois = label_rois(read_table(snakemake.input.ids), folds)
-store = open_embeddings(snakemake.input.store)
-embeddings = {int(name.split("_")[1]): store[name][:] for name in sorted(store.array_keys())}
+arrays = open_embeddings(snakemake.input.store)
+embeddings = {int(name.removeprefix("fold_")): arr[:] for name, arr in arrays.items()}
 roi_preds = fit_predict_folds(
     embeddings, rois, classifiers=p.classifiers, positive_label=p.positive_label
 )

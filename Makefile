@@ -1,0 +1,38 @@
+# leukflow: `make demo` runs the pipeline on the built-in demo data,
+# `make test` runs the linters and the test suite. Both set up .venv first.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+CORES  ?= 2
+# The demo's config: the defaults in config/config.yaml.
+SNAKEMAKE := $(BIN)/snakemake --cores $(CORES) --printshellcmds --show-failed-logs
+
+.PHONY: demo test lint setup clean
+
+setup: $(VENV)/.installed
+
+# torch and torchvision first, with pip, pinned; then leukflow and its pins.
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "leukflow needs Python >= 3.11; set PYTHON=python3.11"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(SNAKEMAKE)
+	@$(BIN)/leukflow metrics results
+	@echo "metrics: results/metrics.csv   plots: results/plots/   logs: results/logs/"
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/snakefmt --check Snakefile workflow/rules
+	$(BIN)/snakemake --lint
+
+test: lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf results resources/demo .snakemake

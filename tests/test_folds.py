@@ -1,0 +1,145 @@
+"""Tests of patient-grouped folds (leukflow.folds)."""
+
+import pandas as pd
+import pytest
+
+from leukflow.folds import LeakageError, assign_folds, check_no_leakage, label_rois
+
+K = 5
+
+
+def _manifest(n_patients=20, per_patient=3, dataset="demo", labels=("ALL", "normal")):
+    rows = []
+    for p in range(n_patients):
+        label = labels[p % len(labels)]
+        for i in range(per_patient):
+            rows.append(
+                {
+                    "image_id": f"{dataset}/p{p:02d}_{i}",
+                    "dataset": dataset,
+                    "label": label,
+                    "patient": f"p{p:02d}",
+                    "width": 100,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def test_assign_folds_groups_patients_and_uses_every_fold():
+    manifest = _manifest()
+    folds = assign_folds(manifest, k=K, seed=0)
+    assert list(folds.columns) == ["dataset", "image_id", "patient", "label", "fold"]
+    assert len(folds) == len(manifest)
+    assert sorted(folds["image_id"]) == sorted(manifest["image_id"])
+    assert folds["fold"].dtype.kind == "i"
+    assert (folds.groupby("patient")["fold"].nunique() == 1).all()
+    assert sorted(folds["fold"].unique()) == list(range(K))
+    # 10 patients per label over 5 folds: stratification puts 2 of each label in each fold.
+    patients = folds.drop_duplicates("patient")
+    per_fold = patients.groupby(["fold", "label"]).size().unstack(fill_value=0)
+    assert per_fold.shape == (K, 2)
+    assert (per_fold == 2).all().all()
+    # Image label and patient are carried over unchanged.
+    merged = folds.merge(manifest, on="image_id", suffixes=("", "_m"))
+    assert (merged["label"] == merged["label_m"]).all()
+    assert (merged["patient"] == merged["patient_m"]).all()
+
+
+def test_assign_folds_is_deterministic_for_a_seed():
+    manifest = _manifest()
+    first = assign_folds(manifest, k=K, seed=7)
+    pd.testing.assert_frame_equal(first, assign_folds(manifest, k=K, seed=7))
+    others = [assign_folds(manifest, k=K, seed=s)["fold"] for s in range(3)]
+    assert any(not o.equals(first["fold"]) for o in others)
+
+
+def test_assign_folds_does_not_depend_on_manifest_row_order():
+    manifest = _manifest()
+    folds = assign_folds(manifest, k=K, seed=3)
+    shuffled = assign_folds(manifest.sample(frac=1.0, random_state=1), k=K, seed=3)
+    # Each patient's images stay together whatever the row order.
+    assert (shuffled.groupby("patient")["fold"].nunique() == 1).all()
+    assert sorted(shuffled["image_id"]) == sorted(folds["image_id"])
+
+
+def test_assign_folds_per_dataset():
+    manifest = pd.concat(
+        [_manifest(10, 2, "a"), _manifest(6, 1, "b", labels=("ALL", "HEM"))], ignore_index=True
+    )
+    folds = assign_folds(manifest, k=3, seed=0)
+    assert len(folds) == 26
+    for _, part in folds.groupby("dataset"):
+        assert sorted(part["fold"].unique()) == [0, 1, 2]
+        assert (part.groupby("patient")["fold"].nunique() == 1).all()
+
+
+def test_assign_folds_fewer_patients_than_folds():
+    manifest = pd.concat(
+        [_manifest(20, 1, "big"), _manifest(4, 3, "small")], ignore_index=True
+    )
+    with pytest.raises(ValueError, match=r"dataset 'small' has 4 patients, fewer than k=5"):
+        assign_folds(manifest, k=5, seed=0)
+
+
+@pytest.mark.parametrize("k", [1, 0, -2])
+def test_assign_folds_needs_two_folds(k):
+    with pytest.raises(ValueError, match=rf"k must be >= 2; got {k}"):
+        assign_folds(_manifest(), k=k, seed=0)
+
+
+def test_check_no_leakage_accepts_clean_folds():
+    folds = assign_folds(_manifest(), k=K, seed=0)
+    check_no_leakage(folds)  # no exception
+    # The same patient name in two datasets is two patients.
+    two = pd.DataFrame(
+        {"dataset": ["a", "b"], "image_id": ["a/1", "b/1"], "patient": ["p", "p"], "fold": [0, 1]}
+    )
+    check_no_leakage(two)
+
+
+def test_check_no_leakage_catches_a_patient_in_two_folds():
+    folds = assign_folds(_manifest(), k=K, seed=0)
+    row = folds.index[folds["patient"] == "p03"][0]
+    folds.loc[row, "fold"] = (folds.loc[row, "fold"] + 1) % K
+    with pytest.raises(
+        LeakageError, match=r"1 patient\(s\) have images in several folds.*: demo/p03$"
+    ):
+        check_no_leakage(folds)
+
+
+def test_check_no_leakage_other_group_column():
+    folds = pd.DataFrame(
+        {"dataset": ["d"] * 3, "slide": ["s1", "s1", "s2"], "fold": [0, 1, 1]}
+    )
+    with pytest.raises(LeakageError, match=r"slide\(s\) .*d/s1"):
+        check_no_leakage(folds, group="slide")
+    assert issubclass(LeakageError, ValueError)
+
+
+def test_label_rois_adds_label_and_fold_in_row_order():
+    folds = assign_folds(_manifest(), k=K, seed=0)
+    image_ids = list(folds["image_id"])
+    picks = [image_ids[5], image_ids[0], image_ids[5], image_ids[40]]
+    rois = pd.DataFrame(
+        {
+            "roi_id": [f"{img}#{k}" for k, img in enumerate(picks)],
+            "image_id": picks,
+            "area_px": [10, 20, 30, 40],
+        }
+    )
+    out = label_rois(rois, folds)
+    assert list(out.columns) == ["roi_id", "image_id", "area_px", "label", "fold"]
+    assert list(out["roi_id"]) == list(rois["roi_id"])
+    assert out["fold"].dtype.kind == "i"
+    lookup = folds.set_index("image_id")
+    assert list(out["label"]) == [lookup.loc[i, "label"] for i in picks]
+    assert list(out["fold"]) == [lookup.loc[i, "fold"] for i in picks]
+
+
+def test_label_rois_rejects_orphan_rois():
+    folds = assign_folds(_manifest(), k=K, seed=0)
+    rois = pd.DataFrame(
+        {"roi_id": ["x#0", "y#0"], "image_id": [folds["image_id"][0], "demo/unknown"]}
+    )
+    with pytest.raises(ValueError, match=r"1 ROIs belong to images missing.*'demo/unknown'"):
+        label_rois(rois, folds)

@@ -1,0 +1,242 @@
+"""Tests of ingest (leukflow.ingest): dataset folders -> manifest + rejects."""
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from leukflow.ingest import (
+    MANIFEST_COLUMNS,
+    REJECT_COLUMNS,
+    ingest_datasets,
+    ingest_images,
+    list_demo,
+    list_folders,
+)
+from leukflow.io import InvalidInputError
+
+MIN_SIZE = 16
+
+
+def _png(path: Path, h: int, w: int, seed: int = 0) -> bytes:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rgb = np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    path.write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+def _demo_folder(root: Path) -> dict:
+    """A demo-layout dataset with one good file per label and one of each defect.
+
+    Returns the expected outcome per path: ``("ok", (w, h, sha256))`` or
+    ``("reject", reason)``.
+    """
+    expected = {}
+    for i, (label, (h, w)) in enumerate([("ALL", (20, 30)), ("normal", (24, 18))]):
+        rel = f"images/good_{i}.png"
+        data = _png(root / rel, h, w, seed=i)
+        expected[rel] = ("ok", (w, h, hashlib.sha256(data).hexdigest(), label, f"p{i}"))
+    # A good image in a sub-folder, to check image ids keep the folder.
+    data = _png(root / "images/sub/deep.png", 16, 16, seed=9)
+    expected["images/sub/deep.png"] = (
+        "ok",
+        (16, 16, hashlib.sha256(data).hexdigest(), "ALL", "p2"),
+    )
+    good = _png(root / "images/corrupt.png", 40, 40, seed=5)
+    (root / "images/corrupt.png").write_bytes(good[: len(good) // 2])
+    expected["images/corrupt.png"] = ("reject", "unreadable")
+    (root / "images/empty.png").write_bytes(b"")
+    expected["images/empty.png"] = ("reject", "empty_file")
+    (root / "images/text.png").write_text("not an image")
+    expected["images/text.png"] = ("reject", "not_an_image")
+    _png(root / "images/tiny.png", MIN_SIZE - 1, 50, seed=6)
+    expected["images/tiny.png"] = ("reject", "too_small")
+    _png(root / "images/unlisted.png", 20, 20, seed=7)
+    expected["images/unlisted.png"] = ("reject", "missing_label")
+    expected["images/gone.png"] = ("reject", "missing_file")  # listed, never written
+    _png(root / "images/nolabel.png", 20, 20, seed=8)
+    expected["images/nolabel.png"] = ("reject", "missing_label")  # listed, empty label
+    (root / "images/readme.txt").write_text("not a candidate: wrong suffix")
+
+    lines = ["image,label,patient"]
+    for rel, (kind, info) in expected.items():
+        if rel == "images/unlisted.png":
+            continue
+        if rel == "images/nolabel.png":
+            lines.append(f"{rel},,p3")
+        elif kind == "ok":
+            lines.append(f"{rel},{info[3]},{info[4]}")
+        else:
+            lines.append(f"{rel},ALL,p9")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return expected
+
+
+@pytest.fixture
+def demo_root(tmp_path):
+    root = tmp_path / "demo"
+    return root, _demo_folder(root)
+
+
+def test_ingest_demo_every_file_in_exactly_one_table(demo_root):
+    root, expected = demo_root
+    manifest, rejects = ingest_datasets(
+        {"demo": {"format": "demo", "root": str(root)}}, min_size_px=MIN_SIZE
+    )
+    assert list(manifest.columns) == MANIFEST_COLUMNS
+    assert list(rejects.columns) == REJECT_COLUMNS
+    in_manifest, in_rejects = list(manifest["path"]), list(rejects["path"])
+    assert len(set(in_manifest)) == len(in_manifest)
+    assert len(set(in_rejects)) == len(in_rejects)
+    assert not set(in_manifest) & set(in_rejects)
+    assert set(in_manifest) | set(in_rejects) == set(expected)
+
+    ok = {rel for rel, (kind, _) in expected.items() if kind == "ok"}
+    assert set(in_manifest) == ok
+    reasons = dict(zip(rejects["path"], rejects["reason"], strict=True))
+    assert reasons == {rel: info for rel, (kind, info) in expected.items() if kind == "reject"}
+    assert (rejects["dataset"] == "demo").all()
+    assert rejects["message"].str.len().gt(0).all()
+    assert "readme.txt" not in " ".join(in_manifest + in_rejects)
+
+
+def test_ingest_demo_manifest_values(demo_root):
+    root, expected = demo_root
+    manifest, _ = ingest_datasets(
+        {"demo": {"format": "demo", "root": str(root)}}, min_size_px=MIN_SIZE
+    )
+    for row in manifest.itertuples(index=False):
+        w, h, sha, label, patient = expected[row.path][1]
+        assert (row.width, row.height) == (w, h), row.path
+        assert row.sha256 == sha
+        assert row.label == label
+        assert row.patient == patient
+        assert row.dataset == "demo"
+        assert row.root == str(root)
+        assert row.image_id == "demo/" + row.path.removesuffix(".png")
+    assert "demo/images/sub/deep" in set(manifest["image_id"])
+
+
+def test_ingest_rejects_messages_name_the_file(demo_root):
+    root, _ = demo_root
+    _, rejects = ingest_datasets(
+        {"demo": {"format": "demo", "root": str(root)}}, min_size_px=MIN_SIZE
+    )
+    for row in rejects.itertuples(index=False):
+        assert row.path in row.message, row
+    tiny = rejects.loc[rejects["path"] == "images/tiny.png", "message"].item()
+    assert "50x15" in tiny
+    assert f"min_size_px={MIN_SIZE}" in tiny
+
+
+def test_min_size_applies_to_the_shorter_side(tmp_path):
+    _png(tmp_path / "wide.png", MIN_SIZE, 100)
+    _png(tmp_path / "tall.png", 100, MIN_SIZE - 1)
+    records = pd.DataFrame(
+        {"path": ["wide.png", "tall.png"], "label": ["a", "b"], "patient": ["1", "2"]}
+    )
+    manifest, rejects = ingest_images(records, dataset="d", root=tmp_path, min_size_px=MIN_SIZE)
+    assert list(manifest["path"]) == ["wide.png"]
+    assert list(rejects["path"]) == ["tall.png"]
+    assert list(rejects["reason"]) == ["too_small"]
+
+
+def test_ingest_images_with_no_good_image_gives_empty_manifest(tmp_path):
+    (tmp_path / "empty.png").write_bytes(b"")
+    records = pd.DataFrame({"path": ["empty.png"], "label": ["a"], "patient": ["1"]})
+    manifest, rejects = ingest_images(records, dataset="d", root=tmp_path, min_size_px=1)
+    assert list(manifest.columns) == MANIFEST_COLUMNS
+    assert len(manifest) == 0
+    assert list(rejects["reason"]) == ["empty_file"]
+
+
+def test_list_demo_missing_columns(tmp_path):
+    (tmp_path / "labels.csv").write_text("image,label\na.png,ALL\n")
+    with pytest.raises(InvalidInputError, match=r"missing columns \['patient'\]") as info:
+        list_demo(tmp_path)
+    assert info.value.reason == "bad_label_table"
+
+
+def test_list_demo_keeps_patient_ids_as_text(tmp_path):
+    _png(tmp_path / "a.png", 20, 20)
+    (tmp_path / "labels.csv").write_text("image,label,patient\na.png,ALL,007\n")
+    records, unlabelled = list_demo(tmp_path)
+    assert records.to_dict("records") == [{"path": "a.png", "label": "ALL", "patient": "007"}]
+    assert len(unlabelled) == 0
+
+
+def _folders_dataset(root: Path) -> None:
+    _png(root / "ALL/a.png", 20, 20, seed=1)
+    _png(root / "ALL/nested/b.jpg", 20, 20, seed=2)  # wrong content for .jpg is fine for PIL
+    _png(root / "HEM/c.png", 20, 20, seed=3)
+    (root / "HEM/notes.txt").write_text("ignored")
+    _png(root / "stray.png", 20, 20, seed=4)  # an image outside any class folder
+
+
+def test_list_folders_one_class_per_subfolder(tmp_path):
+    _folders_dataset(tmp_path)
+    records, unlabelled = list_folders(tmp_path)
+    assert records.to_dict("records") == [
+        {"path": "ALL/a.png", "label": "ALL", "patient": "ALL/a.png"},
+        {"path": "ALL/nested/b.jpg", "label": "ALL", "patient": "ALL/nested/b.jpg"},
+        {"path": "HEM/c.png", "label": "HEM", "patient": "HEM/c.png"},
+    ]
+    assert list(unlabelled.columns) == ["path", "reason", "message"]
+    assert list(unlabelled["path"]) == ["stray.png"]
+    assert list(unlabelled["reason"]) == ["missing_label"]
+
+
+def test_list_folders_empty_root(tmp_path):
+    records, unlabelled = list_folders(tmp_path)
+    assert list(records.columns) == ["path", "label", "patient"]
+    assert len(records) == 0
+    assert len(unlabelled) == 0
+
+
+def test_ingest_datasets_combines_two_datasets(tmp_path, demo_root):
+    demo, expected = demo_root
+    folders = tmp_path / "folders"
+    _folders_dataset(folders)
+    manifest, rejects = ingest_datasets(
+        {
+            "demo": {"format": "demo", "root": str(demo)},
+            "cnmc": {"format": "folders", "root": str(folders)},
+        },
+        min_size_px=MIN_SIZE,
+    )
+    assert list(manifest.columns) == MANIFEST_COLUMNS
+    assert list(rejects.columns) == REJECT_COLUMNS
+    n_ok = sum(kind == "ok" for kind, _ in expected.values())
+    assert list(manifest["dataset"]) == ["demo"] * n_ok + ["cnmc"] * 3
+    assert manifest["image_id"].is_unique
+    cnmc = manifest[manifest["dataset"] == "cnmc"]
+    assert list(cnmc["image_id"]) == ["cnmc/ALL/a", "cnmc/ALL/nested/b", "cnmc/HEM/c"]
+    assert list(cnmc["label"]) == ["ALL", "ALL", "HEM"]
+    assert (cnmc["root"] == str(folders)).all()
+    assert set(rejects.loc[rejects["dataset"] == "cnmc", "path"]) == {"stray.png"}
+    assert (rejects["dataset"] == "demo").sum() == len(expected) - n_ok
+
+
+def test_ingest_datasets_without_rejects(tmp_path):
+    _png(tmp_path / "A/a.png", 20, 20)
+    _png(tmp_path / "B/b.png", 20, 20)
+    manifest, rejects = ingest_datasets(
+        {"f": {"format": "folders", "root": str(tmp_path)}}, min_size_px=MIN_SIZE
+    )
+    assert list(manifest["image_id"]) == ["f/A/a", "f/B/b"]
+    assert list(rejects.columns) == REJECT_COLUMNS
+    assert len(rejects) == 0
+
+
+def test_ingest_datasets_duplicate_image_id(tmp_path):
+    _png(tmp_path / "A/x.png", 20, 20)
+    _png(tmp_path / "A/x.bmp", 20, 20)  # same id "f/A/x" once the suffix is dropped
+    with pytest.raises(InvalidInputError, match="several files map to one image id") as info:
+        ingest_datasets({"f": {"format": "folders", "root": str(tmp_path)}}, min_size_px=1)
+    assert info.value.reason == "duplicate_id"

@@ -1,0 +1,162 @@
+"""The Snakemake workflow: dry runs, config errors, and one real end-to-end run."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+import zarr
+
+from leukflow.demo import draw_demo_dataset
+from leukflow.io import open_embeddings
+from leukflow.segment import match_rois_to_boxes
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
+    cmd += ["--cores", "2", *args]
+    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=900)
+
+
+def job_counts(output: str) -> dict[str, int]:
+    table = output.split("Job stats:")[1].split("total")[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.MULTILINE)}
+
+
+def test_dry_run_of_the_demo_config_plans_every_stage(tmp_path):
+    run = snakemake(tmp_path, "-n", "--configfile", str(REPO / "config" / "config.yaml"))
+    assert run.returncode == 0, run.stderr
+    counts = job_counts(run.stdout + run.stderr)
+    assert counts == {
+        "draw_demo_data_demo": 1, "ingest_images": 1, "segment_cells": 1, "gather_rois": 1,
+        "assign_folds": 1, "train_encoder": 5, "embed_rois": 1, "fit_classifiers": 1,
+        "summarise_metrics": 1, "all": 1,
+    }  # fmt: skip
+
+
+def test_bad_config_fails_before_any_job(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"segmentation": {"min_area": 10}, "folds": {"k": "x"}}))
+    run = snakemake(tmp_path, "--configfile", str(bad))
+    assert run.returncode != 0
+    err = run.stdout + run.stderr
+    assert "segmentation.min_area: unknown key" in err
+    assert "folds.k: expected a value of type integer; got 'x'" in err
+    assert str(bad) in err
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.fixture(scope="module")
+def e2e_run(tmp_path_factory):
+    """A real run on 12 demo fields plus one corrupt file, small and fast settings."""
+    work = tmp_path_factory.mktemp("e2e")
+    demo = work / "demo"
+    draw_demo_dataset(demo, n_fields=12, seed=3, fields_per_patient=2)
+    whole = (demo / "images" / "field_000.png").read_bytes()
+    (demo / "images" / "field_999.png").write_bytes(whole[: len(whole) // 2])  # truncated
+    with open(demo / "labels.csv", "a") as f:
+        f.write("images/field_999.png,ALL,P05\n")
+    config = {
+        "results_dir": "out",
+        "datasets": {"demo": {"format": "demo", "root": "demo"}},
+        "segmentation": {"roi_size_px": 32},
+        "folds": {"k": 3},
+        "encoders": {"resnet18": {"epochs": 2, "batch_size": 16}},
+        "classifiers": {"random_forest": {"n_estimators": 50}, "knn": {"n_neighbors": 3}},
+    }
+    (work / "my.yaml").write_text(yaml.safe_dump(config))
+    run = snakemake(work, "--configfile", "my.yaml")
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return work, work / "out"
+
+
+@pytest.mark.e2e
+def test_e2e_ingest_keeps_every_file(e2e_run):
+    _work, out = e2e_run
+    manifest = pd.read_parquet(out / "manifest.parquet")
+    rejects = pd.read_csv(out / "rejects.csv")
+    assert len(manifest) == 12
+    assert rejects[["path", "reason"]].values.tolist() == [["images/field_999.png", "unreadable"]]
+    assert manifest["sha256"].str.fullmatch(r"[0-9a-f]{64}").all()
+    assert (manifest[["width", "height"]] == [640, 480]).all().all()
+
+
+@pytest.mark.e2e
+def test_e2e_segmentation_finds_the_planted_cells(e2e_run):
+    work, out = e2e_run
+    rois = pd.read_parquet(out / "rois.parquet")
+    cells = pd.read_csv(work / "demo" / "cells.csv")
+    hits = falses = 0
+    for image, boxes in cells.groupby("image"):
+        image_id = "demo/" + image.removesuffix(".png")
+        h, f = match_rois_to_boxes(rois[rois["image_id"] == image_id], boxes)
+        hits, falses = hits + h, falses + f
+    assert hits / len(cells) >= 0.85  # touching cells may merge into one ROI
+    assert falses <= 0.1 * len(rois)
+    crops = zarr.open_array(str(out / "segment" / "demo" / "crops.zarr"), mode="r")
+    assert crops.shape == (len(rois), 32, 32, 3)
+    assert crops.dtype == np.uint8
+
+
+@pytest.mark.e2e
+def test_e2e_folds_and_embeddings(e2e_run):
+    _, out = e2e_run
+    folds = pd.read_csv(out / "folds.csv")
+    assert sorted(folds["fold"].unique()) == [0, 1, 2]
+    assert (folds.groupby("patient")["fold"].nunique() == 1).all()
+    n_rois = len(pd.read_parquet(out / "rois.parquet"))
+    path = out / "embeddings" / "demo" / "resnet18.zarr"
+    store = open_embeddings(path)
+    assert sorted(store) == ["fold_0", "fold_1", "fold_2"]
+    assert store["fold_0"].shape == (n_rois, 512)
+    assert store["fold_0"].dtype == np.float32
+    assert zarr.open_group(str(path), mode="r").attrs["architecture"] == "resnet18"
+    assert re.fullmatch(r"[0-9a-f]{64}", store["fold_1"].attrs["weights_sha256"])
+    # each fold's encoder is its own model: the embeddings differ
+    assert not np.allclose(store["fold_0"][:], store["fold_1"][:])
+    ids = pd.read_parquet(out / "embeddings" / "demo" / "resnet18_rois.parquet")
+    assert len(ids) == n_rois
+
+
+@pytest.mark.e2e
+def test_e2e_metrics_are_consistent_with_predictions(e2e_run):
+    _, out = e2e_run
+    metrics = pd.read_csv(out / "metrics.csv", dtype={"fold": str})
+    assert set(metrics["classifier"]) == {"random_forest", "knn"}
+    assert set(metrics["level"]) == {"roi", "image"}
+    for (_clf, level), part in metrics.groupby(["classifier", "level"]):
+        per_fold = part[part["fold"].isin(["0", "1", "2"])]
+        assert len(per_fold) == 3
+        mean = part[part["fold"] == "mean"].iloc[0]
+        assert mean["accuracy"] == pytest.approx(per_fold["accuracy"].mean())
+        assert per_fold[["accuracy", "sensitivity", "specificity"]].stack().between(0, 1).all()
+        if level == "image":  # every ingested image is scored exactly once
+            assert per_fold["n"].sum() == 12
+    preds = pd.read_parquet(out / "evaluate" / "demo" / "resnet18" / "image_predictions.parquet")
+    knn = preds[preds["classifier"] == "knn"]
+    fold0 = metrics[(metrics["classifier"] == "knn") & (metrics["level"] == "image")
+                    & (metrics["fold"] == "0")].iloc[0]  # fmt: skip
+    part = knn[knn["fold"] == 0]
+    assert fold0["accuracy"] == pytest.approx((part["label"] == part["pred"]).mean())
+    for png in ["random_forest", "knn"]:
+        path = out / "plots" / "demo" / "resnet18" / f"{png}_confusion.png"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.e2e
+def test_e2e_every_rule_logged_and_benchmarked_and_rerun_does_nothing(e2e_run):
+    work, out = e2e_run
+    logs = list((out / "logs").rglob("*.log"))
+    benches = list((out / "benchmarks").rglob("*.tsv"))
+    # ingest, segment, gather, folds, 3 x train, embed, fit, summarise
+    assert len(logs) == len(benches) == 10
+    assert all("leukflow 0.1.0" in p.read_text() for p in logs)
+    rerun = snakemake(work, "--configfile", "my.yaml", "-n")
+    assert rerun.returncode == 0
+    assert "Nothing to be done" in rerun.stdout + rerun.stderr
