@@ -4,6 +4,8 @@
 
 from snakemake.utils import min_version
 
+from leukflow.config import validate_config
+
 min_version("9.0")
 
 
@@ -12,6 +14,15 @@ min_version("9.0")
 if not workflow.overwrite_configfiles:
 
     configfile: "config/config.yaml"
+
+
+# Unknown keys, wrong types and missing dataset folders stop the run here,
+# before any job starts; every key left out gets its documented default.
+validate_config(
+    config,
+    sources=workflow.overwrite_configfiles or workflow.configfiles,
+    schema_path=workflow.source_path("workflow/schemas/config.schema.yaml"),
+)
 
 
 include: "workflow/rules/common.smk"

@@ -5,11 +5,11 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
-from sklearn.svm import SVC
 
 from leukflow import evaluate
 from leukflow.evaluate import (
@@ -26,7 +26,7 @@ POS, NEG = "ALL", "HEM"
 CLASSIFIERS = {
     "random_forest": {"n_estimators": 25, "seed": 0},
     "knn": {"n_neighbors": 3},
-    "svm_rbf": {"C": 1.0, "seed": 0},
+    "svm_rbf": {"C": 1.0},
 }
 
 # ---------------------------------------------------------------- binary_metrics
@@ -40,9 +40,7 @@ def test_binary_metrics_hand_computed():
     # tp: rows 0-2 = 3; fn: row 3 = 1; fp: rows 4-5 = 2; tn: rows 6-9 = 4.
     # AUC: pairs (positive score > negative score) over 4 x 6 = 24 pairs, ties count 1/2:
     #   0.9 beats 6, 0.8 beats 6, 0.7 beats 5 (not 0.75), 0.3 beats 3 and ties 1 -> 20.5.
-    m = binary_metrics(
-        pd.Series(labels), pd.Series(preds), pd.Series(scores), positive_label=POS
-    )
+    m = binary_metrics(pd.Series(labels), pd.Series(preds), pd.Series(scores), positive_label=POS)
     assert (m["tn"], m["fp"], m["fn"], m["tp"], m["n"]) == (4, 2, 1, 3, 10)
     assert m["accuracy"] == pytest.approx(7 / 10)
     assert m["precision"] == pytest.approx(3 / 5)
@@ -252,6 +250,17 @@ def test_aggregate_images_feeds_binary_metrics():
     assert (m["tn"], m["fp"], m["fn"], m["tp"]) == (1, 1, 1, 1)
 
 
+def test_aggregate_images_negative_call_name():
+    # Two labels: the negative call is the other label, so it compares with image labels.
+    out = aggregate_images(_roi_predictions(), IMAGES, positive_label=POS)
+    knn = _by_image(out, "knn")
+    assert list(knn["pred"]) == [POS, POS, NEG, NEG]
+    # More than two labels: no single other label, so "not_<positive>".
+    three = IMAGES.assign(label=[POS, NEG, "other", POS])
+    out = aggregate_images(_roi_predictions(), three, positive_label=POS)
+    assert list(_by_image(out, "knn")["pred"]) == [POS, POS, "not_ALL", "not_ALL"]
+
+
 def test_aggregate_images_unknown_method():
     with pytest.raises(ValueError, match="method must be vote or mean_probability; got 'max'"):
         aggregate_images(_roi_predictions(), IMAGES, positive_label=POS, method="max")
@@ -261,7 +270,15 @@ def test_aggregate_images_no_predictions():
     empty = _roi_predictions().iloc[:0]
     out = aggregate_images(empty, IMAGES, positive_label=POS)
     assert len(out) == 0
-    assert list(out.columns) == ["classifier", "fold", "image_id", "label", "pred", "score", "n_rois"]
+    assert list(out.columns) == [
+        "classifier",
+        "fold",
+        "image_id",
+        "label",
+        "pred",
+        "score",
+        "n_rois",
+    ]
 
 
 # -------------------------------------------------------------- fit_predict_folds
@@ -398,7 +415,11 @@ def test_fit_predict_folds_no_embeddings():
     [
         ("random_forest", RandomForestClassifier, {"n_estimators": 25, "random_state": 0}),
         ("knn", KNeighborsClassifier, {"n_neighbors": 3}),
-        ("svm_rbf", SVC, {"C": 1.0, "kernel": "rbf", "probability": True, "random_state": 0}),
+        (
+            "svm_rbf",
+            CalibratedClassifierCV,
+            {"estimator__C": 1.0, "estimator__kernel": "rbf", "ensemble": False},
+        ),
     ],
 )
 def test_make_classifier(name, model_type, checks):

@@ -53,7 +53,7 @@ def test_assign_folds_is_deterministic_for_a_seed():
     assert any(not o.equals(first["fold"]) for o in others)
 
 
-def test_assign_folds_does_not_depend_on_manifest_row_order():
+def test_assign_folds_groups_patients_whatever_the_row_order():
     manifest = _manifest()
     folds = assign_folds(manifest, k=K, seed=3)
     shuffled = assign_folds(manifest.sample(frac=1.0, random_state=1), k=K, seed=3)
@@ -74,9 +74,7 @@ def test_assign_folds_per_dataset():
 
 
 def test_assign_folds_fewer_patients_than_folds():
-    manifest = pd.concat(
-        [_manifest(20, 1, "big"), _manifest(4, 3, "small")], ignore_index=True
-    )
+    manifest = pd.concat([_manifest(20, 1, "big"), _manifest(4, 3, "small")], ignore_index=True)
     with pytest.raises(ValueError, match=r"dataset 'small' has 4 patients, fewer than k=5"):
         assign_folds(manifest, k=5, seed=0)
 
@@ -108,9 +106,7 @@ def test_check_no_leakage_catches_a_patient_in_two_folds():
 
 
 def test_check_no_leakage_other_group_column():
-    folds = pd.DataFrame(
-        {"dataset": ["d"] * 3, "slide": ["s1", "s1", "s2"], "fold": [0, 1, 1]}
-    )
+    folds = pd.DataFrame({"dataset": ["d"] * 3, "slide": ["s1", "s1", "s2"], "fold": [0, 1, 1]})
     with pytest.raises(LeakageError, match=r"slide\(s\) .*d/s1"):
         check_no_leakage(folds, group="slide")
     assert issubclass(LeakageError, ValueError)

@@ -156,6 +156,16 @@ def test_ingest_images_with_no_good_image_gives_empty_manifest(tmp_path):
     assert list(rejects["reason"]) == ["empty_file"]
 
 
+def test_labels_row_without_image_is_rejected_not_a_crash(tmp_path):
+    _png(tmp_path / "images/a.png", 20, 20)
+    (tmp_path / "labels.csv").write_text("image,label,patient\nimages/a.png,ALL,p1\n,ALL,p2\n")
+    manifest, rejects = ingest_datasets(
+        {"d": {"format": "demo", "root": str(tmp_path)}}, min_size_px=MIN_SIZE
+    )
+    assert list(manifest["path"]) == ["images/a.png"]
+    assert len(rejects) == 1
+
+
 def test_list_demo_missing_columns(tmp_path):
     (tmp_path / "labels.csv").write_text("image,label\na.png,ALL\n")
     with pytest.raises(InvalidInputError, match=r"missing columns \['patient'\]") as info:
@@ -240,3 +250,14 @@ def test_ingest_datasets_duplicate_image_id(tmp_path):
     with pytest.raises(InvalidInputError, match="several files map to one image id") as info:
         ingest_datasets({"f": {"format": "folders", "root": str(tmp_path)}}, min_size_px=1)
     assert info.value.reason == "duplicate_id"
+
+
+def test_image_without_patient_id_is_its_own_group(tmp_path):
+    _png(tmp_path / "a.png", 20, 20)
+    _png(tmp_path / "b.png", 20, 20)
+    (tmp_path / "labels.csv").write_text("image,label,patient\na.png,ALL,\nb.png,ALL,\n")
+    manifest, rejects = ingest_datasets(
+        {"d": {"format": "demo", "root": str(tmp_path)}}, min_size_px=MIN_SIZE
+    )
+    assert list(manifest["patient"]) == ["a.png", "b.png"]
+    assert len(rejects) == 0

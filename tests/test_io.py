@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -193,6 +194,22 @@ def test_write_table_replaces_existing_file(tmp_path, suffix):
     pd.testing.assert_frame_equal(read_table(path), smaller)
 
 
+def test_csv_round_trip_keeps_numeric_looking_text(tmp_path):
+    df = pd.DataFrame(
+        {
+            "image_id": ["d/a", "d/b"],
+            "patient": ["007", "008"],
+            "label": ["1", "0"],
+            "fold": [0, 1],
+        }
+    )
+    path = tmp_path / "folds.csv"
+    write_table(df, path)
+    back = read_table(path)
+    assert list(back["patient"]) == ["007", "008"]
+    assert list(back["label"]) == ["1", "0"]
+
+
 def test_write_table_unknown_suffix(tmp_path):
     with pytest.raises(ValueError, match=r"write_table: unsupported suffix '\.tsv'"):
         write_table(_frame(), tmp_path / "table.tsv")
@@ -330,31 +347,45 @@ def test_embeddings_round_trip_with_attrs(tmp_path):
         {"arch": "resnet18", "input_size_px": 64},
         {"fold_0": {"weights_sha256": "abc"}, "fold_1": {"mean": [0.1, 0.2, 0.3]}},
     )
-    group = open_embeddings(path)
-    assert dict(group.attrs) == {"arch": "resnet18", "input_size_px": 64}
-    assert sorted(group.array_keys()) == ["fold_0", "fold_1"]
+    stored = open_embeddings(path)
+    assert sorted(stored) == ["fold_0", "fold_1"]
     for name, emb in arrays.items():
-        stored = group[name]
-        assert stored.dtype == np.float32
-        np.testing.assert_array_equal(stored[:], emb.astype(np.float32))
-        np.testing.assert_array_equal(stored[2:4], emb[2:4].astype(np.float32))
-    assert dict(group["fold_0"].attrs) == {"weights_sha256": "abc"}
-    assert dict(group["fold_1"].attrs) == {"mean": [0.1, 0.2, 0.3]}
+        assert stored[name].dtype == np.float32
+        assert stored[name].shape == (6, 5)
+        np.testing.assert_array_equal(stored[name][:], emb.astype(np.float32))
+        np.testing.assert_array_equal(stored[name][2:4], emb[2:4].astype(np.float32))
+    assert dict(stored["fold_0"].attrs) == {"weights_sha256": "abc"}
+    assert dict(stored["fold_1"].attrs) == {"mean": [0.1, 0.2, 0.3]}
+    # open_embeddings returns the arrays only; the group attributes sit on the zarr group.
+    assert dict(zarr.open_group(str(path), mode="r").attrs) == {
+        "arch": "resnet18",
+        "input_size_px": 64,
+    }
     assert _listing(tmp_path) == ["emb.zarr"]
 
 
 def test_embeddings_without_array_attrs(tmp_path):
     write_embeddings({"fold_0": np.ones((2, 3), np.float32)}, tmp_path / "e.zarr", {"v": 1})
-    group = open_embeddings(tmp_path / "e.zarr")
-    assert dict(group["fold_0"].attrs) == {}
-    np.testing.assert_array_equal(group["fold_0"][:], np.ones((2, 3), np.float32))
+    stored = open_embeddings(tmp_path / "e.zarr")
+    assert dict(stored["fold_0"].attrs) == {}
+    np.testing.assert_array_equal(stored["fold_0"][:], np.ones((2, 3), np.float32))
+
+
+def test_open_embeddings_ignores_snakemake_timestamp(tmp_path):
+    path = tmp_path / "e.zarr"
+    write_embeddings({"fold_0": np.ones((2, 3), np.float32)}, path, {})
+    (path / ".snakemake_timestamp").write_text("")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stored = open_embeddings(path)
+    assert list(stored) == ["fold_0"]
 
 
 def test_open_embeddings_is_read_only(tmp_path):
     write_embeddings({"fold_0": np.zeros((2, 3), np.float32)}, tmp_path / "e.zarr", {})
-    group = open_embeddings(tmp_path / "e.zarr")
+    stored = open_embeddings(tmp_path / "e.zarr")
     with pytest.raises((ValueError, PermissionError, OSError)):
-        group["fold_0"][:] = 1.0
+        stored["fold_0"][:] = 1.0
     np.testing.assert_array_equal(open_embeddings(tmp_path / "e.zarr")["fold_0"][:], 0.0)
 
 
@@ -365,9 +396,10 @@ def test_write_embeddings_rejects_non_2d_and_keeps_old_store(tmp_path):
         write_embeddings(
             {"fold_0": np.zeros((2, 3)), "fold_1": np.zeros((2, 3, 4))}, path, {"v": 2}
         )
-    group = open_embeddings(path)
-    assert dict(group.attrs) == {"v": 1}
-    np.testing.assert_array_equal(group["fold_0"][:], np.ones((2, 3), np.float32))
+    assert dict(zarr.open_group(str(path), mode="r").attrs) == {"v": 1}
+    stored = open_embeddings(path)
+    assert list(stored) == ["fold_0"]
+    np.testing.assert_array_equal(stored["fold_0"][:], np.ones((2, 3), np.float32))
     assert _listing(tmp_path) == ["e.zarr"]
 
 

@@ -171,7 +171,7 @@ def test_build_encoder_loads_a_local_weights_file(tmp_path):
 
 
 def test_build_encoder_missing_weights_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="weights file .*nope.pth does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"weights file .*nope\.pth does not exist"):
         build_encoder("resnet18", 2, weights=str(tmp_path / "nope.pth"))
 
 

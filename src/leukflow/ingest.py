@@ -101,8 +101,10 @@ def ingest_images(
     root = Path(root)
     ok, bad = [], []
     for rec in tqdm(records.itertuples(index=False), total=len(records), desc=f"ingest {dataset}"):
-        path = root / rec.path
         try:
+            if pd.isna(rec.path) or str(rec.path).strip() == "":
+                raise InvalidInputError("missing_file", f"{root}: a listed image has no path")
+            path = root / rec.path
             if pd.isna(rec.label) or str(rec.label).strip() == "":
                 raise InvalidInputError("missing_label", f"{path}: empty label")
             rgb = read_image(path)
@@ -112,7 +114,7 @@ def ingest_images(
                     "too_small", f"{path}: {w}x{h} pixels, below min_size_px={min_size_px}"
                 )
         except InvalidInputError as err:
-            log.warning("rejected %s: %s", path, err)
+            log.warning("rejected: %s", err)
             bad.append({"path": rec.path, "reason": err.reason, "message": str(err)})
             continue
         ok.append(
@@ -121,7 +123,8 @@ def ingest_images(
                 "path": rec.path,
                 "sha256": sha256_file(path),
                 "label": str(rec.label),
-                "patient": str(rec.patient),
+                # an image without a patient id is a group of its own
+                "patient": rec.path if pd.isna(rec.patient) else str(rec.patient),
                 "width": w,
                 "height": h,
             }

@@ -69,6 +69,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp.parent, ignore_errors=True)
 
 
+#: Columns that stay text in CSV tables even when they look like numbers
+#: (patient "007", class folders "0"/"1").
+TEXT_COLUMNS = (
+    "image_id", "roi_id", "dataset", "path", "label", "pred", "patient",
+    "reason", "message", "classifier", "encoder", "level", "fold",
+)  # fmt: skip
+
+
 def write_table(df: pd.DataFrame, path: str | Path) -> None:
     """Write ``df`` atomically as parquet or CSV, chosen by the file suffix."""
     path = Path(path)
@@ -87,7 +95,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
     if path.suffix == ".parquet":
         return pd.read_parquet(path)
     if path.suffix == ".csv":
-        return pd.read_csv(path)
+        return pd.read_csv(path, dtype=dict.fromkeys(TEXT_COLUMNS, str))
     raise ValueError(f"read_table: unsupported suffix {path.suffix!r} for {path}")
 
 

@@ -56,6 +56,9 @@ def segment_cells(
     ----------
     rgb : numpy.ndarray
         ``(H, W, 3)`` uint8 RGB field.
+    channel : str
+        Intensity thresholded (:data:`CHANNELS`): ``grey`` (S0 as published),
+        ``red``, or ``red_minus_blue`` (purple nuclei against red cells).
     classes : int
         Multi-Otsu classes; pixels of the darkest class are white-cell candidates.
     min_area_px : int

@@ -1,14 +1,4 @@
-# Config validation and the input functions shared by the stage rules.
-
-from pathlib import Path
-
-from leukflow.config import validate_config
-
-validate_config(
-    config,
-    sources=workflow.overwrite_configfiles or workflow.configfiles,
-    schema_path=workflow.source_path("../schemas/config.schema.yaml"),
-)
+# Names and input functions shared by the stage rules (config is validated).
 
 RESULTS = config["results_dir"]
 DATASETS = config["datasets"]
