@@ -208,6 +208,7 @@ def test_csv_round_trip_keeps_numeric_looking_text(tmp_path):
     back = read_table(path)
     assert list(back["patient"]) == ["007", "008"]
     assert list(back["label"]) == ["1", "0"]
+    assert back["fold"].dtype == np.int64  # folds stay numbers
 
 
 def test_write_table_unknown_suffix(tmp_path):

@@ -73,7 +73,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 #: (patient "007", class folders "0"/"1").
 TEXT_COLUMNS = (
     "image_id", "roi_id", "dataset", "path", "label", "pred", "patient",
-    "reason", "message", "classifier", "encoder", "level", "fold",
+    "reason", "message", "classifier", "encoder", "level",
 )  # fmt: skip
 
 
