@@ -9,14 +9,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from leukflow.ingest import (
-    MANIFEST_COLUMNS,
-    REJECT_COLUMNS,
-    ingest_datasets,
-    ingest_images,
-    list_demo,
-    list_folders,
-)
+from leukflow.datasets import RECORD_COLUMNS, list_demo, list_folders
+from leukflow.ingest import MANIFEST_COLUMNS, REJECT_COLUMNS, ingest_datasets, ingest_images
 from leukflow.io import InvalidInputError
 
 MIN_SIZE = 16
@@ -120,6 +114,8 @@ def test_ingest_demo_manifest_values(demo_root):
         assert row.dataset == "demo"
         assert row.root == str(root)
         assert row.image_id == "demo/" + row.path.removesuffix(".png")
+        assert row.mask_path == ""
+        assert row.annotations == "{}"
     assert "demo/images/sub/deep" in set(manifest["image_id"])
 
 
@@ -143,6 +139,8 @@ def test_min_size_applies_to_the_shorter_side(tmp_path):
     )
     manifest, rejects = ingest_images(records, dataset="d", root=tmp_path, min_size_px=MIN_SIZE)
     assert list(manifest["path"]) == ["wide.png"]
+    # records without mask and annotation columns: none
+    assert manifest[["mask_path", "annotations"]].values.tolist() == [["", "{}"]]
     assert list(rejects["path"]) == ["tall.png"]
     assert list(rejects["reason"]) == ["too_small"]
 
@@ -154,6 +152,9 @@ def test_ingest_images_with_no_good_image_gives_empty_manifest(tmp_path):
     assert list(manifest.columns) == MANIFEST_COLUMNS
     assert len(manifest) == 0
     assert list(rejects["reason"]) == ["empty_file"]
+    # typed even when empty: a dataset with no usable image must not turn sizes into floats
+    assert manifest["width"].dtype == np.int64
+    assert manifest["height"].dtype == np.int64
 
 
 def test_labels_row_without_image_is_rejected_not_a_crash(tmp_path):
@@ -177,7 +178,9 @@ def test_list_demo_keeps_patient_ids_as_text(tmp_path):
     _png(tmp_path / "a.png", 20, 20)
     (tmp_path / "labels.csv").write_text("image,label,patient\na.png,ALL,007\n")
     records, unlabelled = list_demo(tmp_path)
-    assert records.to_dict("records") == [{"path": "a.png", "label": "ALL", "patient": "007"}]
+    assert records.to_dict("records") == [
+        {"path": "a.png", "label": "ALL", "patient": "007", "mask_path": "", "annotations": "{}"}
+    ]
     assert len(unlabelled) == 0
 
 
@@ -192,11 +195,13 @@ def _folders_dataset(root: Path) -> None:
 def test_list_folders_one_class_per_subfolder(tmp_path):
     _folders_dataset(tmp_path)
     records, unlabelled = list_folders(tmp_path)
-    assert records.to_dict("records") == [
+    assert records[["path", "label", "patient"]].to_dict("records") == [
         {"path": "ALL/a.png", "label": "ALL", "patient": "ALL/a.png"},
         {"path": "ALL/nested/b.jpg", "label": "ALL", "patient": "ALL/nested/b.jpg"},
         {"path": "HEM/c.png", "label": "HEM", "patient": "HEM/c.png"},
     ]
+    assert (records["mask_path"] == "").all()
+    assert (records["annotations"] == "{}").all()
     assert list(unlabelled.columns) == ["path", "reason", "message"]
     assert list(unlabelled["path"]) == ["stray.png"]
     assert list(unlabelled["reason"]) == ["missing_label"]
@@ -204,7 +209,7 @@ def test_list_folders_one_class_per_subfolder(tmp_path):
 
 def test_list_folders_empty_root(tmp_path):
     records, unlabelled = list_folders(tmp_path)
-    assert list(records.columns) == ["path", "label", "patient"]
+    assert list(records.columns) == RECORD_COLUMNS
     assert len(records) == 0
     assert len(unlabelled) == 0
 

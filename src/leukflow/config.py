@@ -127,10 +127,17 @@ def validate_config(
 
     if check_paths:
         for name, ds in config["datasets"].items():
-            if ds["format"] != "demo" and not Path(ds["root"]).is_dir():
+            # format manifest: root is the user's CSV file; every other format a folder
+            is_csv = ds["format"] == "manifest"
+            exists = Path(ds["root"]).is_file() if is_csv else Path(ds["root"]).is_dir()
+            if ds["format"] != "demo" and not exists:
                 where = _file_holding(["datasets", name, "root"], sources)
+                kind = "an existing CSV file" if is_csv else "an existing folder"
+                found = "is not a file" if Path(ds["root"]).exists() else "does not exist"
+                if not is_csv and Path(ds["root"]).exists():
+                    found = "is not a folder"
                 raise ConfigError(
-                    f"invalid leukflow configuration:\n  datasets.{name}.root: expected an "
-                    f"existing folder; got {ds['root']!r}, which does not exist  (in {where})"
+                    f"invalid leukflow configuration:\n  datasets.{name}.root: expected "
+                    f"{kind}; got {ds['root']!r}, which {found}  (in {where})"
                 )
     return config

@@ -1,8 +1,10 @@
 """Ingest: dataset folders as downloaded -> one manifest table and a rejects table.
 
 Every candidate file ends in exactly one of the two tables: the manifest (image
-id, dataset, path, sha256, label, patient, width, height) or the rejects (path,
-reason code, message). Nothing vanishes silently.
+id, dataset, path, sha256, label, patient, width, height, mask path,
+annotations) or the rejects (path, reason code, message). Nothing vanishes
+silently. How each dataset is laid out and labelled is the business of its
+adapter in :mod:`leukflow.datasets` (:data:`LISTERS`).
 """
 
 from __future__ import annotations
@@ -10,95 +12,75 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from tqdm.auto import tqdm
 
+from leukflow.datasets import (
+    LISTERS,
+    NO_ANNOTATIONS,
+    RECORD_COLUMNS,
+    image_folder,
+    list_dataset,
+    list_demo,
+    list_folders,
+)
 from leukflow.io import InvalidInputError, read_image, sha256_file
+
+__all__ = [
+    "LISTERS", "MANIFEST_COLUMNS", "REJECT_COLUMNS", "ingest_datasets", "ingest_images",
+    "list_demo", "list_folders",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
-
 MANIFEST_COLUMNS = [
     "image_id", "dataset", "path", "root", "sha256", "label", "patient", "width", "height",
+    "mask_path", "annotations",
 ]  # fmt: skip
+MANIFEST_DTYPES = {c: "int64" if c in ("width", "height") else "str" for c in MANIFEST_COLUMNS}
 REJECT_COLUMNS = ["dataset", "path", "reason", "message"]
 
-
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-    )
-
-
-def list_demo(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """List a demo dataset (``labels.csv`` with image, label, patient).
-
-    Returns
-    -------
-    records : pandas.DataFrame
-        Columns ``path`` (relative to ``root``), ``label``, ``patient``.
-    unlabelled : pandas.DataFrame
-        Image files under ``root`` that ``labels.csv`` does not list (rejects).
-    """
-    root = Path(root)
-    labels = pd.read_csv(root / "labels.csv", dtype=str)
-    missing = {"image", "label", "patient"} - set(labels.columns)
-    if missing:
-        raise InvalidInputError(
-            "bad_label_table", f"{root / 'labels.csv'}: missing columns {sorted(missing)}"
-        )
-    records = labels.rename(columns={"image": "path"})[["path", "label", "patient"]]
-    return records, _unlisted(root, set(records["path"]))
-
-
-def list_folders(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """List a dataset with one sub-folder per class; each image is its own patient."""
-    root = Path(root)
-    rows = []
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        for f in _image_files(class_dir):
-            rel = f.relative_to(root).as_posix()
-            rows.append({"path": rel, "label": class_dir.name, "patient": rel})
-    records = pd.DataFrame(rows, columns=["path", "label", "patient"])
-    return records, _unlisted(root, set(records["path"]))
-
-
-def _unlisted(root: Path, listed: set[str]) -> pd.DataFrame:
-    rows = [
-        {"path": rel, "reason": "missing_label", "message": f"{root / rel}: no label for image"}
-        for rel in (f.relative_to(root).as_posix() for f in _image_files(root))
-        if rel not in listed
-    ]
-    return pd.DataFrame(rows, columns=["path", "reason", "message"])
-
-
-LISTERS = {"demo": list_demo, "folders": list_folders}
+#: Keys of a dataset spec that only the demo drawing uses; ingest ignores them.
+DEMO_ONLY_KEYS = {"n_fields", "fields_per_patient", "seed"}
+#: Keys of a dataset spec that ingest reads besides ``format`` and ``root``.
+OPTION_KEYS = {"masks", "label", "label_map"}
 
 
 def ingest_images(
     records: pd.DataFrame, *, dataset: str, root: str | Path, min_size_px: int
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Open, hash and measure every listed image.
+    """Open, hash and measure every listed image, and check its mask's size.
 
     Parameters
     ----------
     records : pandas.DataFrame
-        Columns ``path`` (relative to ``root``), ``label``, ``patient``.
+        Columns ``path`` (relative to ``root``), ``label``, ``patient``, and
+        optionally ``mask_path`` (relative to ``root``; empty for none) and
+        ``annotations`` (JSON text), as :mod:`leukflow.datasets` listers return.
     dataset : str
         Dataset name, the prefix of every image id.
     root : str or Path
-        Dataset folder.
+        The folder that ``path`` and ``mask_path`` are relative to.
     min_size_px : int
         Images narrower or lower than this are rejected as ``too_small``.
 
     Returns
     -------
     manifest, rejects : pandas.DataFrame
-        With :data:`MANIFEST_COLUMNS` and :data:`REJECT_COLUMNS`.
+        With :data:`MANIFEST_COLUMNS` and :data:`REJECT_COLUMNS`. A mask whose
+        height and width differ from its image's is rejected as
+        ``mask_size_mismatch``; an unusable mask rejects its image with the
+        mask's reason (``missing_file``, ``unreadable``...).
     """
     root = Path(root)
+    records = records.copy()
+    for column, none in (("mask_path", ""), ("annotations", NO_ANNOTATIONS)):
+        if column not in records:
+            records[column] = none
+        records[column] = records[column].astype(object).where(records[column].notna(), none)
+    records = records.reindex(columns=RECORD_COLUMNS)
     ok, bad = [], []
     for rec in tqdm(records.itertuples(index=False), total=len(records), desc=f"ingest {dataset}"):
         try:
@@ -113,6 +95,8 @@ def ingest_images(
                 raise InvalidInputError(
                     "too_small", f"{path}: {w}x{h} pixels, below min_size_px={min_size_px}"
                 )
+            if rec.mask_path:
+                _check_mask(path, root / rec.mask_path, (h, w))
         except InvalidInputError as err:
             log.warning("rejected: %s", err)
             bad.append({"path": rec.path, "reason": err.reason, "message": str(err)})
@@ -127,38 +111,74 @@ def ingest_images(
                 "patient": rec.path if pd.isna(rec.patient) else str(rec.patient),
                 "width": w,
                 "height": h,
+                "mask_path": str(rec.mask_path),
+                "annotations": str(rec.annotations),
             }
         )
     manifest = pd.DataFrame(ok).assign(dataset=dataset, root=str(root))
     rejects = pd.DataFrame(bad, columns=["path", "reason", "message"]).assign(dataset=dataset)
-    return manifest.reindex(columns=MANIFEST_COLUMNS), rejects[REJECT_COLUMNS]
+    # typed even when empty, so that concatenating datasets keeps the dtypes
+    manifest = manifest.reindex(columns=MANIFEST_COLUMNS).astype(MANIFEST_DTYPES)
+    return manifest, rejects[REJECT_COLUMNS]
+
+
+def _check_mask(image: Path, mask: Path, shape: tuple[int, int]) -> None:
+    try:
+        mh, mw = read_image(mask).shape[:2]
+    except InvalidInputError as err:
+        raise InvalidInputError(err.reason, f"{image}: its mask is unusable: {err}") from err
+    if (mh, mw) != shape:
+        h, w = shape
+        raise InvalidInputError(
+            "mask_size_mismatch",
+            f"{image}: image is {w}x{h} pixels but its mask {mask} is {mw}x{mh}",
+        )
 
 
 def ingest_datasets(
-    datasets: Mapping[str, Mapping[str, str]], *, min_size_px: int
+    datasets: Mapping[str, Mapping[str, Any]], *, min_size_px: int
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Ingest several datasets into one manifest and one rejects table.
 
     Parameters
     ----------
     datasets : mapping
-        Dataset name -> ``{"format": ..., "root": ...}``.
+        Dataset name -> ``{"format": ..., "root": ...}`` plus the optional
+        dataset options ``masks``, ``label`` and ``label_map`` (see
+        :func:`leukflow.datasets.list_dataset`). The demo-only keys
+        ``n_fields``, ``fields_per_patient`` and ``seed`` are ignored, so a
+        validated config entry can be passed as it is.
     min_size_px : int
         See :func:`ingest_images`.
+
+    Returns
+    -------
+    manifest, rejects : pandas.DataFrame
+        With :data:`MANIFEST_COLUMNS` and :data:`REJECT_COLUMNS`. For format
+        ``manifest`` the ``root`` column is the CSV's folder, which ``path``
+        is relative to.
     """
     manifests, rejects = [], []
     for name, spec in datasets.items():
-        records, unlabelled = LISTERS[spec["format"]](spec["root"])
-        manifest, bad = ingest_images(
-            records, dataset=name, root=spec["root"], min_size_px=min_size_px
-        )
+        unknown = set(spec) - {"format", "root"} - OPTION_KEYS - DEMO_ONLY_KEYS
+        if unknown:
+            raise ValueError(
+                f"ingest_datasets: dataset {name}: unknown keys {sorted(unknown)}; expected "
+                f"format, root and {sorted(OPTION_KEYS)}"
+            )
+        options = {k: spec[k] for k in OPTION_KEYS if k in spec}
+        records, listed_bad = list_dataset(spec["format"], spec["root"], **options)
+        root = image_folder(spec["format"], spec["root"])
+        manifest, bad = ingest_images(records, dataset=name, root=root, min_size_px=min_size_px)
         manifests.append(manifest)
-        rejects += [bad, unlabelled.assign(dataset=name)[REJECT_COLUMNS]]
+        rejects += [bad, listed_bad.assign(dataset=name)[REJECT_COLUMNS]]
         if manifest["image_id"].duplicated().any():
             dup = manifest.loc[manifest["image_id"].duplicated(), "path"].tolist()[:5]
             raise InvalidInputError(
                 "duplicate_id", f"dataset {name}: several files map to one image id: {dup}"
             )
-        log.info("%s: %d images ingested, %d rejected", name, len(manifest), len(bad))
+        log.info(
+            "%s: %d images ingested, %d rejected", name, len(manifest), len(bad) + len(listed_bad)
+        )
     rejected = pd.concat([r for r in rejects if len(r)] or [rejects[0]], ignore_index=True)
     return pd.concat(manifests, ignore_index=True), rejected

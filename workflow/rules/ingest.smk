@@ -35,9 +35,7 @@ rule ingest_images:
     conda:
         "../../envs/leukflow.yaml"
     params:
-        datasets={
-            n: {"format": d["format"], "root": d["root"]} for n, d in DATASETS.items()
-        },
+        datasets=DATASETS,
         min_size_px=config["ingest"]["min_size_px"],
     script:
         "../scripts/ingest_images.py"
