@@ -28,7 +28,7 @@ def _manifest(n_patients=20, per_patient=3, dataset="demo", labels=("ALL", "norm
 def test_assign_folds_groups_patients_and_uses_every_fold():
     manifest = _manifest()
     folds = assign_folds(manifest, k=K, seed=0)
-    assert list(folds.columns) == ["dataset", "image_id", "patient", "label", "fold"]
+    assert list(folds.columns) == ["dataset", "image_id", "patient", "group", "label", "fold"]
     assert len(folds) == len(manifest)
     assert sorted(folds["image_id"]) == sorted(manifest["image_id"])
     assert folds["fold"].dtype.kind == "i"
@@ -75,7 +75,7 @@ def test_assign_folds_per_dataset():
 
 def test_assign_folds_fewer_patients_than_folds():
     manifest = pd.concat([_manifest(20, 1, "big"), _manifest(4, 3, "small")], ignore_index=True)
-    with pytest.raises(ValueError, match=r"dataset 'small' has 4 patients, fewer than k=5"):
+    with pytest.raises(ValueError, match=r"dataset 'small' has 4 patient groups, fewer than k=5"):
         assign_folds(manifest, k=5, seed=0)
 
 
@@ -139,3 +139,23 @@ def test_label_rois_rejects_orphan_rois():
     )
     with pytest.raises(ValueError, match=r"1 ROIs belong to images missing.*'demo/unknown'"):
         label_rois(rois, folds)
+
+
+def test_duplicate_images_join_their_patients_into_one_fold():
+    rows = [
+        {"image_id": f"d/p{p}_{i}", "dataset": "d", "patient": f"p{p}", "label": "AB"[p % 2]}
+        for p in range(10)
+        for i in range(2)
+    ]
+    manifest = pd.DataFrame(rows)
+    # p0 and p3 share a copied image, p3 and p5 another: one group of three patients
+    duplicates = pd.DataFrame(
+        {"image_id_a": ["d/p0_1", "d/p3_0"], "image_id_b": ["d/p3_1", "d/p5_0"]}
+    )
+    folds = assign_folds(manifest, k=3, seed=0, duplicates=duplicates)
+    joined = folds[folds["patient"].isin(["p0", "p3", "p5"])]
+    assert joined["group"].nunique() == 1
+    assert joined["fold"].nunique() == 1
+    assert folds["group"].nunique() == 8
+    alone = assign_folds(manifest, k=3, seed=0)
+    assert alone["group"].nunique() == 10

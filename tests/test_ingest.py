@@ -266,3 +266,41 @@ def test_image_without_patient_id_is_its_own_group(tmp_path):
     )
     assert list(manifest["patient"]) == ["a.png", "b.png"]
     assert len(rejects) == 0
+
+
+@pytest.mark.realdata
+def test_zheng_copied_image_is_found_as_exact_duplicate(shared_data):
+    from leukflow.ingest import find_duplicates
+
+    manifest, _ = ingest_datasets(
+        {"zheng": {"format": "zheng", "root": str(shared_data / "segmentation_WBC")}},
+        min_size_px=MIN_SIZE,
+    )
+    duplicates = find_duplicates(manifest, max_distance=0.005)
+    exact = duplicates[duplicates["kind"] == "exact"]
+    assert exact[["image_id_a", "image_id_b"]].values.tolist() == [
+        ["zheng/Dataset 1/112", "zheng/Dataset 1/139"]
+    ]
+    assert (duplicates["distance"] <= 0.005).all()
+
+
+def test_find_duplicates_exact_near_and_distinct(tmp_path):
+    from leukflow.ingest import find_duplicates
+
+    rng = np.random.default_rng(0)
+    base = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+    other = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
+    Image.fromarray(base).save(tmp_path / "a.png")
+    Image.fromarray(base).save(tmp_path / "a_copy.bmp")  # same pixels, other format
+    Image.fromarray(np.clip(base.astype(int) + 2, 0, 255).astype(np.uint8)).save(
+        tmp_path / "a_brighter.png"
+    )
+    Image.fromarray(other).save(tmp_path / "b.png")
+    names = ["a.png", "a_copy.bmp", "a_brighter.png", "b.png"]
+    manifest = pd.DataFrame({"image_id": names, "root": str(tmp_path), "path": names})
+    pairs = find_duplicates(manifest, max_distance=0.005)
+    found = {(a, b): (k, d) for a, b, k, d in pairs.itertuples(index=False)}
+    assert found[("a.png", "a_copy.bmp")] == ("exact", 0.0)
+    assert found[("a.png", "a_brighter.png")][0] == "near"
+    assert not any("b.png" in pair for pair in found)
+    assert len(find_duplicates(manifest, max_distance=0.0)) == 1

@@ -85,6 +85,9 @@ def test_e2e_ingest_keeps_every_file(e2e_run):
     assert rejects[["path", "reason"]].values.tolist() == [["images/field_999.png", "unreadable"]]
     assert manifest["sha256"].str.fullmatch(r"[0-9a-f]{64}").all()
     assert (manifest[["width", "height"]] == [640, 480]).all().all()
+    duplicates = pd.read_csv(out / "duplicates.csv")
+    assert list(duplicates.columns) == ["image_id_a", "image_id_b", "kind", "distance"]
+    assert len(duplicates) == 0  # every demo field is drawn anew
 
 
 @pytest.mark.e2e
@@ -110,6 +113,7 @@ def test_e2e_folds_and_embeddings(e2e_run):
     folds = pd.read_csv(out / "folds.csv")
     assert sorted(folds["fold"].unique()) == [0, 1, 2]
     assert (folds.groupby("patient")["fold"].nunique() == 1).all()
+    assert (folds["group"] == "demo/" + folds["patient"]).all()
     n_rois = len(pd.read_parquet(out / "rois.parquet"))
     path = out / "embeddings" / "demo" / "resnet18.zarr"
     store = open_embeddings(path)

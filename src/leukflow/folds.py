@@ -9,7 +9,10 @@ from __future__ import annotations
 import logging
 import warnings
 
+import numpy as np
 import pandas as pd
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 from sklearn.model_selection import StratifiedGroupKFold
 
 log = logging.getLogger(__name__)
@@ -19,8 +22,45 @@ class LeakageError(ValueError):
     """A group appears on both sides of a split."""
 
 
-def assign_folds(manifest: pd.DataFrame, *, k: int, seed: int) -> pd.DataFrame:
-    """Assign every image a test fold, per dataset, grouped by patient.
+def group_patients(manifest: pd.DataFrame, duplicates: pd.DataFrame | None = None) -> pd.Series:
+    """Join patients that share a duplicate image into one group.
+
+    Parameters
+    ----------
+    manifest : pandas.DataFrame
+        ``image_id, dataset, patient``.
+    duplicates : pandas.DataFrame, optional
+        ``image_id_a, image_id_b`` pairs (see :func:`leukflow.ingest.find_duplicates`).
+
+    Returns
+    -------
+    pandas.Series
+        Per manifest row, the group: the first patient (in sorted order) of
+        the connected set of patients, prefixed by the dataset.
+    """
+    key = manifest["dataset"] + "/" + manifest["patient"].astype(str)
+    nodes = sorted(set(key))
+    index = {name: i for i, name in enumerate(nodes)}
+    of_image = dict(zip(manifest["image_id"], key.map(index), strict=True))
+    pairs = [] if duplicates is None else [
+        (of_image[a], of_image[b])
+        for a, b in zip(duplicates["image_id_a"], duplicates["image_id_b"], strict=True)
+        if a in of_image and b in of_image
+    ]  # fmt: skip
+    rows = [i for i, _ in pairs]
+    cols = [j for _, j in pairs]
+    graph = coo_matrix((np.ones(len(pairs)), (rows, cols)), shape=(len(nodes), len(nodes)))
+    _, component = connected_components(graph, directed=False)
+    first = {}
+    for i, c in enumerate(component):
+        first.setdefault(c, nodes[i])
+    return key.map(lambda name: first[component[index[name]]]).rename("group")
+
+
+def assign_folds(
+    manifest: pd.DataFrame, *, k: int, seed: int, duplicates: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """Assign every image a test fold, per dataset, grouped by patient and duplicates.
 
     Parameters
     ----------
@@ -30,20 +70,24 @@ def assign_folds(manifest: pd.DataFrame, *, k: int, seed: int) -> pd.DataFrame:
         Number of folds (>= 2); each dataset needs at least ``k`` patients.
     seed : int
         Seed of the shuffle inside :class:`~sklearn.model_selection.StratifiedGroupKFold`.
+    duplicates : pandas.DataFrame, optional
+        Duplicate image pairs; their patients are joined into one group so that
+        no copy of a test image is trained on.
 
     Returns
     -------
     pandas.DataFrame
-        ``dataset, image_id, patient, label, fold`` (fold in ``0..k-1``).
+        ``dataset, image_id, patient, group, label, fold`` (fold in ``0..k-1``).
     """
     if k < 2:
         raise ValueError(f"assign_folds: k must be >= 2; got {k}")
+    manifest = manifest.assign(group=group_patients(manifest, duplicates))
     parts = []
     for dataset, images in manifest.groupby("dataset", sort=True):
-        n_patients = images["patient"].nunique()
-        if n_patients < k:
+        n_groups = images["group"].nunique()
+        if n_groups < k:
             raise ValueError(
-                f"assign_folds: dataset {dataset!r} has {n_patients} patients, fewer than "
+                f"assign_folds: dataset {dataset!r} has {n_groups} patient groups, fewer than "
                 f"k={k} folds; lower folds.k or add patients"
             )
         splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
@@ -51,14 +95,15 @@ def assign_folds(manifest: pd.DataFrame, *, k: int, seed: int) -> pd.DataFrame:
         with warnings.catch_warnings():
             # sklearn warns when a class has fewer groups than folds; we log it instead.
             warnings.simplefilter("ignore", UserWarning)
-            splits = splitter.split(images, images["label"], groups=images["patient"])
+            splits = splitter.split(images, images["label"], groups=images["group"])
             for i, (_, test) in enumerate(splits):
                 fold.iloc[test] = i
         parts.append(images.assign(fold=fold.astype(int)))
         counts = parts[-1].groupby(["fold", "label"]).size().unstack(fill_value=0)
         log.info("%s folds (images per label):\n%s", dataset, counts.to_string())
-    folds = pd.concat(parts)[["dataset", "image_id", "patient", "label", "fold"]]
-    check_no_leakage(folds)
+    folds = pd.concat(parts)[["dataset", "image_id", "patient", "group", "label", "fold"]]
+    check_no_leakage(folds, "patient")
+    check_no_leakage(folds, "group")
     return folds.reset_index(drop=True)
 
 

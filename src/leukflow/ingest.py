@@ -9,12 +9,15 @@ adapter in :mod:`leukflow.datasets` (:data:`LISTERS`).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+from skimage import color, transform
 from tqdm.auto import tqdm
 
 from leukflow.datasets import (
@@ -182,3 +185,78 @@ def ingest_datasets(
         )
     rejected = pd.concat([r for r in rejects if len(r)] or [rejects[0]], ignore_index=True)
     return pd.concat(manifests, ignore_index=True), rejected
+
+
+DUPLICATE_COLUMNS = ["image_id_a", "image_id_b", "kind", "distance"]
+
+
+def image_thumbnail(rgb: np.ndarray, size_px: int = 16) -> np.ndarray:
+    """Grey thumbnail, zero-mean and unit-norm: the dot product of two is their correlation.
+
+    Parameters
+    ----------
+    rgb : numpy.ndarray
+        ``(H, W, 3)`` uint8 image.
+    size_px : int
+        Side of the square thumbnail.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(size_px * size_px,)`` float32.
+    """
+    thumb = transform.resize(color.rgb2gray(rgb), (size_px, size_px), anti_aliasing=True)
+    thumb = thumb.ravel() - thumb.mean()
+    norm = np.linalg.norm(thumb)
+    return (thumb / norm if norm > 0 else thumb).astype(np.float32)
+
+
+def find_duplicates(manifest: pd.DataFrame, *, max_distance: float) -> pd.DataFrame:
+    """Find exact and near-duplicate images across every dataset of a run.
+
+    Exact duplicates decode to the same pixels (the same file re-saved in
+    another format counts). Near duplicates have thumbnails whose correlation
+    is at least ``1 - max_distance`` (re-compressed, slightly rescaled or
+    re-stained copies).
+
+    Parameters
+    ----------
+    manifest : pandas.DataFrame
+        ``image_id, root, path`` of every image.
+    max_distance : float
+        Largest ``1 - correlation`` of two thumbnails called a near duplicate;
+        0 keeps exact duplicates only.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``image_id_a, image_id_b, kind`` (``exact`` or ``near``), ``distance``.
+    """
+    ids = manifest["image_id"].tolist()
+    pixel_hash, thumbs = [], []
+    for root, path in tqdm(zip(manifest["root"], manifest["path"], strict=True),
+                           total=len(manifest), desc="duplicates"):  # fmt: skip
+        rgb = read_image(Path(root) / path)
+        pixel_hash.append(hashlib.sha256(str(rgb.shape).encode() + rgb.tobytes()).hexdigest())
+        thumbs.append(image_thumbnail(rgb))
+    rows = []
+    matrix = np.stack(thumbs) if thumbs else np.zeros((0, 256), np.float32)
+    block = 2048  # rows of the correlation matrix held at once
+    for start in range(0, len(ids), block):
+        corr = matrix[start : start + block] @ matrix.T
+        for i, j in zip(*np.nonzero(corr >= 1 - max_distance - 1e-6), strict=True):
+            a = start + i
+            if a >= j:
+                continue
+            exact = pixel_hash[a] == pixel_hash[j]
+            if not exact and 1 - corr[i, j] > max_distance:  # only within float tolerance
+                continue
+            rows.append(
+                {"image_id_a": ids[a], "image_id_b": ids[j], "kind": "exact" if exact else "near",
+                 "distance": 0.0 if exact else float(max(0.0, 1 - corr[i, j]))}
+            )  # fmt: skip
+    duplicates = pd.DataFrame(rows, columns=DUPLICATE_COLUMNS)
+    log.info(
+        "%d duplicate pairs (%s)", len(duplicates), duplicates["kind"].value_counts().to_dict()
+    )
+    return duplicates

@@ -4,6 +4,7 @@
 rule assign_folds:
     input:
         manifest=result("manifest.parquet"),
+        duplicates=result("duplicates.csv"),
     output:
         folds=result("folds.csv"),
     log:

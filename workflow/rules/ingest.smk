@@ -28,6 +28,7 @@ rule ingest_images:
     output:
         manifest=result("manifest.parquet"),
         rejects=result("rejects.csv"),
+        duplicates=result("duplicates.csv"),
     log:
         logfile("ingest/ingest_images.log"),
     benchmark:
@@ -37,5 +38,6 @@ rule ingest_images:
     params:
         datasets=DATASETS,
         min_size_px=config["ingest"]["min_size_px"],
+        duplicate_max_distance=config["ingest"]["duplicate_max_distance"],
     script:
         "../scripts/ingest_images.py"

@@ -6,7 +6,14 @@ from leukflow.runlog import start_log
 
 log = start_log("assign_folds", snakemake.log[0], dict(snakemake.params))
 folds = assign_folds(
-    read_table(snakemake.input.manifest), k=snakemake.params.k, seed=snakemake.params.seed
+    read_table(snakemake.input.manifest),
+    k=snakemake.params.k,
+    seed=snakemake.params.seed,
+    duplicates=read_table(snakemake.input.duplicates),
 )
 write_table(folds, snakemake.output.folds)
-log.info("%d images in %d folds, no patient on both sides", len(folds), snakemake.params.k)
+log.info(
+    "%d images in %d folds, no patient or duplicate group on both sides",
+    len(folds),
+    snakemake.params.k,
+)
