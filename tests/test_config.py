@@ -22,6 +22,8 @@ def test_schema_defaults_reproduce_the_documented_config():
 
 
 def test_minimal_user_config_gets_every_default(tmp_path):
+    (tmp_path / "healthy").mkdir()
+    (tmp_path / "healthy" / "a.png").write_bytes(b"")
     user = {"datasets": {"mine": {"format": "folders", "root": str(tmp_path)}}, "results_dir": "r"}
     config = validate_config(user, sources=[write_yaml(tmp_path / "my.yaml", user)])
     assert list(config["datasets"]) == ["mine"]
@@ -77,3 +79,15 @@ def test_demo_root_need_not_exist(tmp_path):
 def test_listing_some_classifiers_runs_only_those():
     config = validate_config({"classifiers": {"knn": {}}})
     assert config["classifiers"] == {"knn": {"n_neighbors": 5}}
+
+
+def test_dataset_folder_without_images_fails_naming_the_path(tmp_path):
+    empty = tmp_path / "smears"
+    (empty / "ALL").mkdir(parents=True)
+    (empty / "ALL" / "notes.txt").write_text("no images here")
+    cfg = {"datasets": {"clinic": {"format": "folders", "root": str(empty)}}}
+    src = write_yaml(tmp_path / "my.yaml", cfg)
+    with pytest.raises(ConfigError, match=r"datasets\.clinic\.root: expected a folder of images"):
+        validate_config(cfg, sources=[src])
+    (empty / "ALL" / "a.png").write_bytes(b"")
+    assert validate_config(cfg, sources=[src])["datasets"]["clinic"]["root"] == str(empty)

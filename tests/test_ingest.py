@@ -297,10 +297,67 @@ def test_find_duplicates_exact_near_and_distinct(tmp_path):
     )
     Image.fromarray(other).save(tmp_path / "b.png")
     names = ["a.png", "a_copy.bmp", "a_brighter.png", "b.png"]
-    manifest = pd.DataFrame({"image_id": names, "root": str(tmp_path), "path": names})
+    records = pd.DataFrame({"path": names, "label": "x", "patient": names})
+    manifest, _ = ingest_images(records, dataset="d", root=tmp_path, min_size_px=1)
+    manifest["image_id"] = names
     pairs = find_duplicates(manifest, max_distance=0.005)
     found = {(a, b): (k, d) for a, b, k, d in pairs.itertuples(index=False)}
     assert found[("a.png", "a_copy.bmp")] == ("exact", 0.0)
     assert found[("a.png", "a_brighter.png")][0] == "near"
     assert not any("b.png" in pair for pair in found)
     assert len(find_duplicates(manifest, max_distance=0.0)) == 1
+
+
+def test_converted_modes_are_noted_and_unconvertible_rejected(tmp_path, monkeypatch):
+    grey16 = (np.arange(40 * 40).reshape(40, 40) * 40).astype(np.uint16)
+    Image.fromarray(grey16).save(tmp_path / "deep.png")
+    Image.new("P", (40, 40), 3).save(tmp_path / "palette.png")
+    Image.new("CMYK", (40, 40), (0, 50, 100, 0)).save(tmp_path / "print.jpg")
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(tmp_path / "plain.png")
+    names = ["deep.png", "palette.png", "print.jpg", "plain.png"]
+    records = pd.DataFrame({"path": names, "label": "x", "patient": names})
+    manifest, rejects = ingest_images(records, dataset="d", root=tmp_path, min_size_px=1)
+    assert len(rejects) == 0
+    notes = dict(zip(manifest["path"], manifest["note"], strict=True))
+    assert notes == {
+        "deep.png": "converted from I;16",
+        "palette.png": "converted from P",
+        "print.jpg": "converted from CMYK",
+        "plain.png": "",
+    }
+
+    def refuse(self, *args, **kwargs):
+        raise ValueError(f"conversion from {self.mode} not supported")
+
+    monkeypatch.setattr(Image.Image, "convert", refuse)
+    _, rejects = ingest_images(records.iloc[1:2], dataset="d", root=tmp_path, min_size_px=1)
+    assert rejects[["path", "reason"]].values.tolist() == [["palette.png", "unsupported_mode"]]
+    assert "cannot convert mode P" in rejects["message"].iloc[0]
+
+
+def test_parallel_ingest_equals_serial(tmp_path):
+    rng = np.random.default_rng(1)
+    names = []
+    for i in range(40):
+        Image.fromarray((rng.random((30, 30, 3)) * 255).astype(np.uint8)).save(
+            tmp_path / f"{i}.png"
+        )
+        names.append(f"{i}.png")
+    (tmp_path / "bad.png").write_bytes(b"")
+    records = pd.DataFrame({"path": [*names, "bad.png"], "label": "x", "patient": "p"})
+    serial = ingest_images(records, dataset="d", root=tmp_path, min_size_px=1, n_workers=1)
+    parallel = ingest_images(records, dataset="d", root=tmp_path, min_size_px=1, n_workers=2)
+    pd.testing.assert_frame_equal(serial[0], parallel[0])
+    pd.testing.assert_frame_equal(serial[1], parallel[1])
+    assert list(parallel[1]["reason"]) == ["empty_file"]
+
+
+def test_count_summary_line():
+    from leukflow.ingest import count_summary
+
+    manifest = pd.DataFrame({"note": ["", "converted from P", ""]})
+    rejects = pd.DataFrame({"reason": ["unreadable", "too_small", "unreadable"]})
+    assert count_summary(manifest, rejects) == (
+        "kept 3, rejected 3 by reason (unreadable: 2, too_small: 1), "
+        "converted 1 to 8-bit RGB (see the note column)"
+    )

@@ -15,6 +15,8 @@ from typing import Any
 import jsonschema
 import yaml
 
+from leukflow.datasets import IMAGE_SUFFIXES
+
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 
 
@@ -140,4 +142,16 @@ def validate_config(
                     f"invalid leukflow configuration:\n  datasets.{name}.root: expected "
                     f"{kind}; got {ds['root']!r}, which {found}  (in {where})"
                 )
+            if ds["format"] not in ("demo", "manifest") and not _holds_an_image(ds["root"]):
+                where = _file_holding(["datasets", name, "root"], sources)
+                raise ConfigError(
+                    f"invalid leukflow configuration:\n  datasets.{name}.root: expected a "
+                    f"folder of images ({', '.join(sorted(IMAGE_SUFFIXES))}); got "
+                    f"{ds['root']!r}, which holds none  (in {where})"
+                )
     return config
+
+
+def _holds_an_image(folder: str | Path) -> bool:
+    """Whether any image file lies anywhere under ``folder`` (stops at the first)."""
+    return any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in Path(folder).rglob("*"))

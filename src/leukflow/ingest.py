@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from skimage import color, transform
-from tqdm.auto import tqdm
 
 from leukflow.datasets import (
     LISTERS,
@@ -29,7 +28,8 @@ from leukflow.datasets import (
     list_demo,
     list_folders,
 )
-from leukflow.io import InvalidInputError, read_image, sha256_file
+from leukflow.io import InvalidInputError, read_image, read_image_noted, sha256_file
+from leukflow.parallel import parallel_map
 
 __all__ = [
     "LISTERS", "MANIFEST_COLUMNS", "REJECT_COLUMNS", "ingest_datasets", "ingest_images",
@@ -40,9 +40,12 @@ log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = [
     "image_id", "dataset", "path", "root", "sha256", "label", "patient", "width", "height",
-    "mask_path", "annotations",
+    "mask_path", "annotations", "note", "pixel_sha256", "thumbnail",
 ]  # fmt: skip
-MANIFEST_DTYPES = {c: "int64" if c in ("width", "height") else "str" for c in MANIFEST_COLUMNS}
+MANIFEST_DTYPES = {
+    c: {"width": "int64", "height": "int64", "thumbnail": "object"}.get(c, "str")
+    for c in MANIFEST_COLUMNS
+}
 REJECT_COLUMNS = ["dataset", "path", "reason", "message"]
 
 #: Keys of a dataset spec that only the demo drawing uses; ingest ignores them.
@@ -51,10 +54,66 @@ DEMO_ONLY_KEYS = {"n_fields", "fields_per_patient", "seed"}
 OPTION_KEYS = {"masks", "label", "label_map"}
 
 
+def inspect_image(path: Path, mask: Path | None, *, min_size_px: int) -> dict[str, Any]:
+    """Decode, hash and measure one image, and check its mask's size.
+
+    Parameters
+    ----------
+    path : Path
+        The image file.
+    mask : Path or None
+        Its mask file, if any.
+    min_size_px : int
+        Images narrower or lower than this are rejected as ``too_small``.
+
+    Returns
+    -------
+    dict
+        ``sha256`` (of the file), ``pixel_sha256`` (of the decoded RGB pixels),
+        ``width``, ``height``, ``note`` (mode conversion) and ``thumbnail``
+        (:func:`image_thumbnail` as float16 bytes, for near-duplicate search).
+
+    Raises
+    ------
+    InvalidInputError
+        For an unusable image or mask (see :func:`leukflow.io.read_image`),
+        ``too_small`` or ``mask_size_mismatch``.
+    """
+    rgb, note = read_image_noted(path)
+    h, w = rgb.shape[:2]
+    if min(h, w) < min_size_px:
+        raise InvalidInputError(
+            "too_small", f"{path}: {w}x{h} pixels, below min_size_px={min_size_px}"
+        )
+    if mask is not None:
+        _check_mask(path, mask, (h, w))
+    return {
+        "sha256": sha256_file(path),
+        "pixel_sha256": hashlib.sha256(f"{rgb.shape}".encode() + rgb.tobytes()).hexdigest(),
+        "width": w,
+        "height": h,
+        "note": note,
+        "thumbnail": image_thumbnail(rgb).astype(np.float16).tobytes(),
+    }
+
+
+def _inspect_or_reason(task: tuple[Path, Path | None, int]) -> dict[str, Any]:
+    path, mask, min_size_px = task
+    try:
+        return inspect_image(path, mask, min_size_px=min_size_px)
+    except InvalidInputError as err:
+        return {"reason": err.reason, "message": str(err)}
+
+
 def ingest_images(
-    records: pd.DataFrame, *, dataset: str, root: str | Path, min_size_px: int
+    records: pd.DataFrame,
+    *,
+    dataset: str,
+    root: str | Path,
+    min_size_px: int,
+    n_workers: int = 1,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Open, hash and measure every listed image, and check its mask's size.
+    """Open, hash and measure every listed image, in parallel.
 
     Parameters
     ----------
@@ -68,6 +127,8 @@ def ingest_images(
         The folder that ``path`` and ``mask_path`` are relative to.
     min_size_px : int
         Images narrower or lower than this are rejected as ``too_small``.
+    n_workers : int
+        Worker processes decoding images (the rule's ``threads``).
 
     Returns
     -------
@@ -84,38 +145,38 @@ def ingest_images(
             records[column] = none
         records[column] = records[column].astype(object).where(records[column].notna(), none)
     records = records.reindex(columns=RECORD_COLUMNS)
-    ok, bad = [], []
-    for rec in tqdm(records.itertuples(index=False), total=len(records), desc=f"ingest {dataset}"):
-        try:
-            if pd.isna(rec.path) or str(rec.path).strip() == "":
-                raise InvalidInputError("missing_file", f"{root}: a listed image has no path")
-            path = root / rec.path
-            if pd.isna(rec.label) or str(rec.label).strip() == "":
-                raise InvalidInputError("missing_label", f"{path}: empty label")
-            rgb = read_image(path)
-            h, w = rgb.shape[:2]
-            if min(h, w) < min_size_px:
-                raise InvalidInputError(
-                    "too_small", f"{path}: {w}x{h} pixels, below min_size_px={min_size_px}"
-                )
-            if rec.mask_path:
-                _check_mask(path, root / rec.mask_path, (h, w))
-        except InvalidInputError as err:
-            log.warning("rejected: %s", err)
-            bad.append({"path": rec.path, "reason": err.reason, "message": str(err)})
+    bad = []
+    listed = []
+    for rec in records.itertuples(index=False):
+        if pd.isna(rec.path) or str(rec.path).strip() == "":
+            bad.append({"path": rec.path, "reason": "missing_file",
+                        "message": f"{root}: a listed image has no path"})  # fmt: skip
+        elif pd.isna(rec.label) or str(rec.label).strip() == "":
+            bad.append({"path": rec.path, "reason": "missing_label",
+                        "message": f"{root / rec.path}: empty label"})  # fmt: skip
+        else:
+            listed.append(rec)
+    tasks = [
+        (root / rec.path, root / rec.mask_path if rec.mask_path else None, min_size_px)
+        for rec in listed
+    ]
+    ok = []
+    inspected = parallel_map(_inspect_or_reason, tasks, n_workers, desc=f"ingest {dataset}")
+    for rec, found in zip(listed, inspected, strict=True):
+        if "reason" in found:
+            log.warning("rejected: %s", found["message"])
+            bad.append({"path": rec.path, **found})
             continue
         ok.append(
             {
                 "image_id": f"{dataset}/{Path(rec.path).with_suffix('').as_posix()}",
                 "path": rec.path,
-                "sha256": sha256_file(path),
                 "label": str(rec.label),
                 # an image without a patient id is a group of its own
                 "patient": rec.path if pd.isna(rec.patient) else str(rec.patient),
-                "width": w,
-                "height": h,
                 "mask_path": str(rec.mask_path),
                 "annotations": str(rec.annotations),
+                **found,
             }
         )
     manifest = pd.DataFrame(ok).assign(dataset=dataset, root=str(root))
@@ -139,7 +200,7 @@ def _check_mask(image: Path, mask: Path, shape: tuple[int, int]) -> None:
 
 
 def ingest_datasets(
-    datasets: Mapping[str, Mapping[str, Any]], *, min_size_px: int
+    datasets: Mapping[str, Mapping[str, Any]], *, min_size_px: int, n_workers: int = 1
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Ingest several datasets into one manifest and one rejects table.
 
@@ -151,7 +212,7 @@ def ingest_datasets(
         :func:`leukflow.datasets.list_dataset`). The demo-only keys
         ``n_fields``, ``fields_per_patient`` and ``seed`` are ignored, so a
         validated config entry can be passed as it is.
-    min_size_px : int
+    min_size_px, n_workers : int
         See :func:`ingest_images`.
 
     Returns
@@ -172,7 +233,9 @@ def ingest_datasets(
         options = {k: spec[k] for k in OPTION_KEYS if k in spec}
         records, listed_bad = list_dataset(spec["format"], spec["root"], **options)
         root = image_folder(spec["format"], spec["root"])
-        manifest, bad = ingest_images(records, dataset=name, root=root, min_size_px=min_size_px)
+        manifest, bad = ingest_images(
+            records, dataset=name, root=root, min_size_px=min_size_px, n_workers=n_workers
+        )
         manifests.append(manifest)
         rejects += [bad, listed_bad.assign(dataset=name)[REJECT_COLUMNS]]
         if manifest["image_id"].duplicated().any():
@@ -184,7 +247,19 @@ def ingest_datasets(
             "%s: %d images ingested, %d rejected", name, len(manifest), len(bad) + len(listed_bad)
         )
     rejected = pd.concat([r for r in rejects if len(r)] or [rejects[0]], ignore_index=True)
-    return pd.concat(manifests, ignore_index=True), rejected
+    manifest = pd.concat(manifests, ignore_index=True)
+    log.info("%s", count_summary(manifest, rejected))
+    return manifest, rejected
+
+
+def count_summary(manifest: pd.DataFrame, rejects: pd.DataFrame) -> str:
+    """One line for the end of ingest: ``kept N, rejected M by reason (...), converted K``."""
+    reasons = ", ".join(f"{r}: {n}" for r, n in rejects["reason"].value_counts().items())
+    converted = int((manifest["note"] != "").sum())
+    return (
+        f"kept {len(manifest)}, rejected {len(rejects)} by reason ({reasons or 'none'}), "
+        f"converted {converted} to 8-bit RGB (see the note column)"
+    )
 
 
 DUPLICATE_COLUMNS = ["image_id_a", "image_id_b", "kind", "distance"]
@@ -222,7 +297,8 @@ def find_duplicates(manifest: pd.DataFrame, *, max_distance: float) -> pd.DataFr
     Parameters
     ----------
     manifest : pandas.DataFrame
-        ``image_id, root, path`` of every image.
+        ``image_id``, ``pixel_sha256`` and ``thumbnail`` of every image, as
+        :func:`ingest_images` writes them; no image is decoded again.
     max_distance : float
         Largest ``1 - correlation`` of two thumbnails called a near duplicate;
         0 keeps exact duplicates only.
@@ -233,28 +309,24 @@ def find_duplicates(manifest: pd.DataFrame, *, max_distance: float) -> pd.DataFr
         ``image_id_a, image_id_b, kind`` (``exact`` or ``near``), ``distance``.
     """
     ids = manifest["image_id"].tolist()
-    pixel_hash, thumbs = [], []
-    for root, path in tqdm(zip(manifest["root"], manifest["path"], strict=True),
-                           total=len(manifest), desc="duplicates"):  # fmt: skip
-        rgb = read_image(Path(root) / path)
-        pixel_hash.append(hashlib.sha256(str(rgb.shape).encode() + rgb.tobytes()).hexdigest())
-        thumbs.append(image_thumbnail(rgb))
     rows = []
-    matrix = np.stack(thumbs) if thumbs else np.zeros((0, 256), np.float32)
+    for _, same in manifest.groupby("pixel_sha256", sort=False):
+        first, *copies = same["image_id"].tolist()
+        rows += [{"image_id_a": first, "image_id_b": c, "kind": "exact", "distance": 0.0}
+                 for c in copies]  # fmt: skip
+    pixels = manifest["pixel_sha256"].tolist()
+    thumbs = [np.frombuffer(t, dtype=np.float16) for t in manifest["thumbnail"]]
+    matrix = np.stack(thumbs).astype(np.float32) if thumbs else np.zeros((0, 1), np.float32)
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    matrix /= np.where(norms > 0, norms, 1)
     block = 2048  # rows of the correlation matrix held at once
-    for start in range(0, len(ids), block):
+    for start in range(0, len(ids) if max_distance > 0 else 0, block):
         corr = matrix[start : start + block] @ matrix.T
-        for i, j in zip(*np.nonzero(corr >= 1 - max_distance - 1e-6), strict=True):
+        for i, j in zip(*np.nonzero(corr >= 1 - max_distance), strict=True):
             a = start + i
-            if a >= j:
-                continue
-            exact = pixel_hash[a] == pixel_hash[j]
-            if not exact and 1 - corr[i, j] > max_distance:  # only within float tolerance
-                continue
-            rows.append(
-                {"image_id_a": ids[a], "image_id_b": ids[j], "kind": "exact" if exact else "near",
-                 "distance": 0.0 if exact else float(max(0.0, 1 - corr[i, j]))}
-            )  # fmt: skip
+            if a < j and pixels[a] != pixels[j]:
+                rows.append({"image_id_a": ids[a], "image_id_b": ids[j], "kind": "near",
+                             "distance": float(max(0.0, 1 - corr[i, j]))})  # fmt: skip
     duplicates = pd.DataFrame(rows, columns=DUPLICATE_COLUMNS)
     log.info(
         "%d duplicate pairs (%s)", len(duplicates), duplicates["kind"].value_counts().to_dict()

@@ -115,7 +115,7 @@ def read_image(path: str | Path) -> np.ndarray:
     """Read an image file as an RGB array.
 
     Grey, palette, RGBA, CMYK and 16-bit images are converted to 8-bit RGB
-    (alpha is dropped).
+    (alpha is dropped); :func:`read_image_noted` also says so.
 
     Parameters
     ----------
@@ -131,7 +131,20 @@ def read_image(path: str | Path) -> np.ndarray:
     ------
     InvalidInputError
         With reason ``missing_file``, ``empty_file``, ``not_an_image``,
-        ``too_large`` or ``unreadable``.
+        ``too_large``, ``unreadable`` or ``unsupported_mode``.
+    """
+    return read_image_noted(path)[0]
+
+
+def read_image_noted(path: str | Path) -> tuple[np.ndarray, str]:
+    """Read an image as :func:`read_image` does, with a note on any conversion.
+
+    Returns
+    -------
+    rgb : numpy.ndarray
+        ``(H, W, 3)`` uint8 RGB array.
+    note : str
+        ``""`` for 8-bit RGB files, else e.g. ``"converted from I;16"``.
     """
     path = Path(path)
     if not path.is_file():
@@ -147,17 +160,24 @@ def read_image(path: str | Path) -> np.ndarray:
                     f"{MAX_IMAGE_PIXELS} (possible decompression bomb)",
                 )
             im.load()
-            return _to_rgb8(im)
+            mode = im.mode
+            try:
+                rgb = _to_rgb8(im)
+            except (ValueError, OSError) as err:
+                raise InvalidInputError(
+                    "unsupported_mode", f"{path}: cannot convert mode {mode} to RGB ({err})"
+                ) from err
     except UnidentifiedImageError as err:
         raise InvalidInputError("not_an_image", f"{path}: not an image file ({err})") from err
     except (OSError, SyntaxError, ValueError) as err:
         if isinstance(err, InvalidInputError):
             raise
         raise InvalidInputError("unreadable", f"{path}: cannot decode image ({err})") from err
+    return rgb, "" if mode == "RGB" else f"converted from {mode}"
 
 
 def _to_rgb8(im: Image.Image) -> np.ndarray:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # scale to the image's own maximum
         arr = np.asarray(im, dtype=np.float64)
         top = arr.max() if arr.max() > 0 else 1.0
         grey = np.round(arr / top * 255).astype(np.uint8)

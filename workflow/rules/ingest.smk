@@ -35,6 +35,9 @@ rule ingest_images:
         benchfile("ingest/ingest_images.tsv")
     conda:
         "../../envs/leukflow.yaml"
+    threads: 4
+    resources:
+        mem_mb=2000,
     params:
         datasets=DATASETS,
         min_size_px=config["ingest"]["min_size_px"],

@@ -1,17 +1,19 @@
-"""Rule ingest_images: dataset folders -> manifest.parquet and rejects.csv."""
+"""Rule ingest_images: dataset folders -> manifest.parquet, rejects.csv, duplicates.csv."""
 
 from leukflow.ingest import find_duplicates, ingest_datasets
 from leukflow.io import write_table
 from leukflow.runlog import start_log
 
-log = start_log("ingest_images", snakemake.log[0], dict(snakemake.params))
-manifest, rejects = ingest_datasets(
-    snakemake.params.datasets, min_size_px=snakemake.params.min_size_px
+log = start_log(
+    "ingest_images", snakemake.log[0], {**snakemake.params, "threads": snakemake.threads}
 )
+# ingest_datasets logs "kept N, rejected M by reason (...)" at the end
+manifest, rejects = ingest_datasets(
+    snakemake.params.datasets,
+    min_size_px=snakemake.params.min_size_px,
+    n_workers=snakemake.threads,
+)
+duplicates = find_duplicates(manifest, max_distance=snakemake.params.duplicate_max_distance)
 write_table(manifest, snakemake.output.manifest)
 write_table(rejects, snakemake.output.rejects)
-duplicates = find_duplicates(manifest, max_distance=snakemake.params.duplicate_max_distance)
 write_table(duplicates, snakemake.output.duplicates)
-log.info("%d images in the manifest, %d rejected", len(manifest), len(rejects))
-if len(rejects):
-    log.warning("rejects by reason:\n%s", rejects["reason"].value_counts().to_string())
