@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from skimage import color, transform
+from PIL import Image
 
 from leukflow.datasets import (
     LISTERS,
@@ -280,7 +280,8 @@ def image_thumbnail(rgb: np.ndarray, size_px: int = 16) -> np.ndarray:
     numpy.ndarray
         ``(size_px * size_px,)`` float32.
     """
-    thumb = transform.resize(color.rgb2gray(rgb), (size_px, size_px), anti_aliasing=True)
+    grey = Image.fromarray(rgb).convert("L")  # ITU-R 601 luma
+    thumb = np.asarray(grey.resize((size_px, size_px), Image.Resampling.BOX), dtype=np.float64)
     thumb = thumb.ravel() - thumb.mean()
     norm = np.linalg.norm(thumb)
     return (thumb / norm if norm > 0 else thumb).astype(np.float32)
