@@ -8,7 +8,7 @@ CORES  ?= 2
 # The demo's config: the defaults in config/config.yaml.
 SNAKEMAKE := $(BIN)/snakemake --cores $(CORES) --printshellcmds --show-failed-logs
 
-.PHONY: demo test lint setup clean
+.PHONY: demo test lint setup clean install-slurm-profile
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,11 @@ lint: $(VENV)/.installed
 
 test: lint
 	$(BIN)/python -m pytest
+
+# `snakemake --profile slurm` looks in ~/.config/snakemake/slurm: link it there.
+install-slurm-profile:
+	mkdir -p $${XDG_CONFIG_HOME:-$$HOME/.config}/snakemake
+	ln -sfn $(CURDIR)/profiles/slurm $${XDG_CONFIG_HOME:-$$HOME/.config}/snakemake/slurm
 
 clean:
 	rm -rf results resources/demo .snakemake

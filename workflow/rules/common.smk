@@ -14,6 +14,24 @@ wildcard_constraints:
     fold=r"\d+",
 
 
+def gpu_resources():
+    """Resources that make train and embed jobs ask SLURM for a GPU (none when gpu=0)."""
+    cluster = config["cluster"]
+    if not cluster["gpu"]:
+        return {}
+    extra = {"gpu": cluster["gpu"]}
+    if cluster["gpu_model"]:
+        extra["gpu_model"] = cluster["gpu_model"]
+    if cluster["cpus_per_gpu"]:
+        extra["cpus_per_gpu"] = cluster["cpus_per_gpu"]
+    return extra
+
+
+def attempt_mem_mb(base_mb):
+    """Memory that grows with the attempt, so a job killed for memory gets more."""
+    return lambda wildcards, attempt: base_mb * attempt
+
+
 def result(path):
     return f"{RESULTS}/{path}"
 

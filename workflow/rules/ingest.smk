@@ -37,7 +37,7 @@ rule ingest_images:
         "../../envs/leukflow.yaml"
     threads: 4
     resources:
-        mem_mb=2000,
+        mem_mb=attempt_mem_mb(2000),
     params:
         datasets=DATASETS,
         min_size_px=config["ingest"]["min_size_px"],

@@ -17,7 +17,8 @@ rule train_encoder:
         "../../envs/leukflow.yaml"
     threads: 2
     resources:
-        mem_mb=4000,
+        mem_mb=attempt_mem_mb(4000),
+        **gpu_resources(),
     params:
         encoder=lambda wc: ENCODERS[wc.encoder],
     script:

@@ -1,0 +1,114 @@
+"""The workflow through a real SLURM (started by `.ci/slurm.sh start`, as `.ci/run` does).
+
+Skipped with a reason when no SLURM node answers on this machine.
+"""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from leukflow.io import open_embeddings
+
+REPO = Path(__file__).resolve().parents[1]
+PROFILE = REPO / "profiles" / "slurm"
+# The CI cluster has no accounting and no accounts, and one node of 2 CPUs.
+CI_FLAGS = ["--slurm-no-account", "--slurm-status-command", "squeue", "--max-threads", "2"]
+
+CONFIG = {
+    "datasets": {"demo": {"format": "demo", "root": "demo", "n_fields": 12,
+                          "fields_per_patient": 2, "seed": 3}},
+    "segmentation": {"roi_size_px": 32},
+    "folds": {"k": 3},
+    "encoders": {"resnet18": {"epochs": 2, "batch_size": 16}},
+    "classifiers": {"random_forest": {"n_estimators": 50}, "knn": {"n_neighbors": 3}},
+}  # fmt: skip
+
+
+def slurm_is_up() -> bool:
+    if not shutil.which("sinfo"):
+        return False
+    run = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    return run.returncode == 0 and bool(re.search(r"idle|mixed|allocated", run.stdout))
+
+
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.skipif(not slurm_is_up(), reason="no SLURM node answers (.ci/slurm.sh start)"),
+]
+
+
+def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), *args]
+    return subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=1800)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same tiny demo config run once locally and once through SLURM."""
+    work = tmp_path_factory.mktemp("slurm")
+    for name in ("local", "slurm"):
+        (work / f"{name}.yaml").write_text(yaml.safe_dump({**CONFIG, "results_dir": name}))
+    local = snakemake(work, "--cores", "2", "--configfile", "local.yaml")
+    assert local.returncode == 0, local.stderr[-3000:]
+    cluster = snakemake(
+        work, "--profile", str(PROFILE), *CI_FLAGS, "--configfile", "slurm.yaml",
+        "--slurm-keep-successful-logs",
+    )  # fmt: skip
+    assert cluster.returncode == 0, cluster.stderr[-5000:]
+    return work, cluster.stdout + cluster.stderr
+
+
+def test_jobs_went_through_sbatch(runs):
+    work, log = runs
+    job_ids = re.findall(r"submitted with SLURM jobid (\d+)", log)
+    # every rule but the local ones (demo drawing, gathering, folds, summary, all)
+    assert len(job_ids) >= 1 + 1 + 3 + 1 + 1  # ingest, segment, 3 x train, embed, fit
+    slurm_logs = {p.stem: p for p in (work / ".snakemake" / "slurm_logs").rglob("*.log")}
+    assert set(slurm_logs) >= set(job_ids)
+    # each sbatch job ran the rule's Snakemake job step on the cluster node
+    assert all("Finished jobid" in slurm_logs[i].read_text() for i in job_ids)
+
+
+def test_slurm_results_equal_a_local_run(runs):
+    work, _ = runs
+    local, cluster = work / "local", work / "slurm"
+    for table in ("manifest.parquet", "rois.parquet"):
+        a = pd.read_parquet(local / table).drop(columns=["root"], errors="ignore")
+        b = pd.read_parquet(cluster / table).drop(columns=["root"], errors="ignore")
+        pd.testing.assert_frame_equal(a, b)
+    pd.testing.assert_frame_equal(
+        pd.read_csv(local / "folds.csv"), pd.read_csv(cluster / "folds.csv")
+    )
+    a = open_embeddings(local / "embeddings" / "demo" / "resnet18.zarr")
+    b = open_embeddings(cluster / "embeddings" / "demo" / "resnet18.zarr")
+    assert sorted(a) == sorted(b)
+    for fold in a:  # same code, same threads, same seeds: bitwise equal on CPU
+        np.testing.assert_array_equal(a[fold][:], b[fold][:])
+    pd.testing.assert_frame_equal(
+        pd.read_csv(local / "metrics.csv"), pd.read_csv(cluster / "metrics.csv")
+    )
+
+
+def test_gpu_request_reaches_the_sbatch_command_line(tmp_path):
+    # This cluster has no GPU, so the submission is refused; what matters is
+    # that the sbatch call that training jobs generate asks for the GPU.
+    config = {**CONFIG, "results_dir": "gpu", "cluster": {"gpu": 1, "gpu_model": "a100"}}
+    (tmp_path / "gpu.yaml").write_text(yaml.safe_dump(config))
+    run = snakemake(
+        tmp_path, "--profile", str(PROFILE), *CI_FLAGS, "--configfile", "gpu.yaml",
+        "--until", "train_encoder", "--verbose", "--retries", "0",
+    )  # fmt: skip
+    calls = re.findall(r"sbatch call: (.*)", run.stdout + run.stderr)
+    train = [c for c in calls if "rule_train_encoder" in c or "train_encoder" in c]
+    assert train, calls
+    assert all("--gpus=a100:1" in c for c in train)
+    others = [c for c in calls if c not in train]
+    assert others  # ingest and segmentation ran as CPU jobs
+    assert not any("--gpus" in c for c in others)
