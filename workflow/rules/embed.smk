@@ -17,7 +17,7 @@ rule embed_rois:
         "../../envs/leukflow.yaml"
     threads: 2
     resources:
-        mem_mb=attempt_mem_mb(4000),
         **gpu_resources(),
+        mem_mb=attempt_mem_mb(4000),
     script:
         "../scripts/embed_rois.py"

@@ -17,8 +17,8 @@ rule train_encoder:
         "../../envs/leukflow.yaml"
     threads: 2
     resources:
-        mem_mb=attempt_mem_mb(4000),
         **gpu_resources(),
+        mem_mb=attempt_mem_mb(4000),
     params:
         encoder=lambda wc: ENCODERS[wc.encoder],
     script:
