@@ -12,11 +12,22 @@ from skimage.draw import disk
 
 from leukflow import segment
 from leukflow.segment import (
+    IMAGE_COLUMNS,
+    K_SCORE_COLUMNS,
     ROI_COLUMNS,
     SegmentParams,
+    batch,
+    check_field,
     extract_rois,
+    field_rois,
+    keep_central,
+    kmeans_candidates,
+    kmeans_clusters,
     segment_cells,
+    segment_field,
     segment_images,
+    select_kmeans,
+    summarise_k_scores,
 )
 
 BACKGROUND = (230, 220, 215)
@@ -310,7 +321,9 @@ def field_files(tmp_path_factory):
 def test_segment_images_sequential_matches_per_image_calls(field_files):
     paths, ids, counts = field_files
     params = SegmentParams(roi_size_px=32)
-    rois, crops = segment_images(paths, ids, params=params, n_workers=1, chunk_size=3)
+    rois, crops, images, k_scores = segment_images(
+        paths, ids, params=params, n_workers=1, chunk_size=3
+    )
     assert list(rois.columns) == ROI_COLUMNS
     assert len(rois) == sum(counts)
     assert crops.shape == (sum(counts), 32, 32, 3)
@@ -328,47 +341,395 @@ def test_segment_images_sequential_matches_per_image_calls(field_files):
         pd.testing.assert_frame_equal(part, one, check_dtype=False)
         np.testing.assert_array_equal(crops[start : start + n], one_crops)
         start += n
+    assert list(images.columns) == IMAGE_COLUMNS
+    assert images["image_id"].tolist() == ids  # every image listed, in order
+    assert images["n_rois"].tolist() == counts
+    assert images["reason"].tolist() == ["", "blank", "", ""]
+    assert k_scores.empty
+    assert list(k_scores.columns) == K_SCORE_COLUMNS
 
 
 def test_segment_images_processes_give_identical_results(field_files, monkeypatch):
     pools = []
 
-    class RecordingPool(segment.ProcessPoolExecutor):
+    class RecordingPool(batch.ProcessPoolExecutor):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             pools.append(self)
 
-    monkeypatch.setattr(segment, "ProcessPoolExecutor", RecordingPool)
+    monkeypatch.setattr(batch, "ProcessPoolExecutor", RecordingPool)
     paths, ids, _ = field_files
     params = SegmentParams(roi_size_px=32)
-    seq_rois, seq_crops = segment_images(paths, ids, params=params, n_workers=1, chunk_size=1)
+    seq = segment_images(paths, ids, params=params, n_workers=1, chunk_size=1)
     assert pools == []
-    par_rois, par_crops = segment_images(paths, ids, params=params, n_workers=2, chunk_size=1)
+    par = segment_images(paths, ids, params=params, n_workers=2, chunk_size=1)
     assert len(pools) == 1  # the worker processes really ran
-    pd.testing.assert_frame_equal(par_rois, seq_rois)
-    np.testing.assert_array_equal(par_crops, seq_crops)
-    assert par_rois["roi_id"].str.startswith(tuple(ids)).all()
+    pd.testing.assert_frame_equal(par.rois, seq.rois)
+    np.testing.assert_array_equal(par.crops, seq.crops)
+    pd.testing.assert_frame_equal(par.images, seq.images)
+    assert par.rois["roi_id"].str.startswith(tuple(ids)).all()
 
 
 def test_segment_images_passes_params(field_files):
     paths, ids, _ = field_files
     params = replace(SegmentParams(roi_size_px=16), min_area_px=10_000)
-    rois, crops = segment_images(paths, ids, params=params)
+    rois, crops, images, _ = segment_images(paths, ids, params=params)
     assert len(rois) == 0
     assert crops.shape == (0, 16, 16, 3)
+    assert images["reason"].tolist() == ["no_cell", "blank", "no_cell", "no_cell"]
     big = replace(SegmentParams(roi_size_px=16), min_area_px=500)  # only r=14 (~609 px) stays
-    rois, _ = segment_images(paths, ids, params=big)
+    rois, *_ = segment_images(paths, ids, params=big)
     assert list(rois["image_id"]) == [ids[0], ids[3]]  # the r=14 nucleus of fields 0 and 3
 
 
 def test_segment_images_empty_input():
-    rois, crops = segment_images([], [], params=SegmentParams(roi_size_px=16))
+    rois, crops, images, k_scores = segment_images([], [], params=SegmentParams(roi_size_px=16))
     assert list(rois.columns) == ROI_COLUMNS
     assert len(rois) == 0
     assert crops.shape == (0, 16, 16, 3)
+    assert list(images.columns) == IMAGE_COLUMNS
+    assert len(images) == len(k_scores) == 0
 
 
 def test_segment_images_length_mismatch(field_files):
     paths, ids, _ = field_files
     with pytest.raises(ValueError, match="4 paths but 3 image ids"):
         segment_images(paths, ids[:3], params=SegmentParams())
+
+
+# ------------------------------------------------------- single-cell crops: S2, S4
+
+CROP_BG = (240, 230, 210)
+CYTOPLASM = (130, 95, 150)
+CROP_NUCLEUS = (50, 25, 100)
+CROP_RED = (200, 120, 125)
+C = 48  # centre of the 96x96 crops
+CELL_R, NUCLEUS_R = 30, 16
+
+
+def crop_image(layers, *, shape=(96, 96), noise=2.0, seed=0):
+    """A single-cell crop: background, then (colour, [(row, col, r), ...]) layers."""
+    img = np.empty((*shape, 3), dtype=np.float64)
+    img[:] = CROP_BG
+    for colour, discs in layers:
+        for cy, cx, r in discs:
+            img[disk((cy, cx), r, shape=shape)] = colour
+    img += np.random.default_rng(seed).normal(0.0, noise, img.shape)
+    return np.clip(np.round(img), 0, 255).astype(np.uint8)
+
+
+def disc_mask(cy, cx, r, shape=(96, 96)):
+    mask = np.zeros(shape, dtype=bool)
+    mask[disk((cy, cx), r, shape=shape)] = True
+    return mask
+
+
+CELL_LAYERS = [(CYTOPLASM, [(C, C, CELL_R)]), (CROP_NUCLEUS, [(C, C, NUCLEUS_R)])]
+#: Three colour populations (background, cytoplasm, nucleus) and a fourth (red cells).
+THREE = CELL_LAYERS
+FOUR = [(CROP_RED, [(10, 10, 14), (86, 80, 16), (10, 88, 12)]), *CELL_LAYERS]
+
+
+def _dice(a, b):
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+def test_kmeans_clusters_are_ordered_dark_to_bright():
+    img = crop_image(THREE)
+    clusters, centres = kmeans_clusters(img, k=3, seed=0)
+    assert clusters.dtype == np.int32
+    assert sorted(np.unique(clusters)) == [0, 1, 2]
+    grey = centres @ [0.2125, 0.7154, 0.0721]
+    assert (np.diff(grey) > 0).all()
+    np.testing.assert_allclose(centres, [CROP_NUCLEUS, CYTOPLASM, CROP_BG], atol=6)
+    # same seed, same clusters; the pixel sample for large fields is seeded too
+    again, _ = kmeans_clusters(img, k=3, seed=0, max_fit_px=2000)
+    assert (again == clusters).mean() > 0.999
+
+
+def test_kmeans_candidates_are_clusters_and_dark_unions():
+    clusters = np.array([[0, 1, 2, 3]], dtype=np.int32)
+    cands = kmeans_candidates(clusters, 4)
+    assert list(cands) == [
+        "cluster 0/4", "cluster 1/4", "cluster 2/4", "cluster 3/4", "darkest 2/4", "darkest 3/4",
+    ]  # fmt: skip
+    assert cands["darkest 3/4"].tolist() == [[True, True, True, False]]
+    assert cands["cluster 2/4"].tolist() == [[False, False, True, False]]
+
+
+def test_kmeans_fixed_k_finds_the_whole_cell_or_the_nucleus():
+    img = crop_image(THREE)
+    cell = segment_cells(img, "kmeans", k=3, segment="all_but_brightest")
+    assert cell.max() == 1
+    assert _dice(cell > 0, disc_mask(C, C, CELL_R)) > 0.98
+    nucleus = segment_cells(img, "kmeans", k=3, segment="darkest")
+    assert nucleus.max() == 1
+    assert _dice(nucleus > 0, disc_mask(C, C, NUCLEUS_R)) > 0.98
+    (region,) = measure.regionprops(nucleus)
+    assert math.dist(region.centroid, (C, C)) < 0.5
+
+
+def test_kmeans_darkest_finds_each_nucleus_of_a_field():
+    labels = segment_cells(field(NUCLEI, RED_CELLS), "kmeans", k=3, segment="darkest")
+    assert labels.max() == len(NUCLEI)
+    for reg, (cy, cx, r) in _match(_regions(labels), NUCLEI):
+        assert math.dist(reg.centroid, (cy, cx)) < 1.0
+        assert reg.area == pytest.approx(math.pi * r**2, rel=0.1)
+
+
+@pytest.mark.parametrize(("layers", "planted"), [(THREE, 3), (FOUR, 4)], ids=["k3", "k4"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kmeans_selection_picks_the_planted_k(layers, planted, seed):
+    img = crop_image(layers, seed=seed)
+    truth = disc_mask(C, C, NUCLEUS_R)
+    labels, rows = select_kmeans(img, truth, k_min=2, k_max=6, seed=seed)
+    assert [r["k"] for r in rows] == [2, 3, 4, 5, 6]
+    chosen = [r for r in rows if r["chosen"]]
+    assert len(chosen) == 1
+    assert chosen[0]["k"] == planted
+    assert chosen[0]["segment"] == f"cluster 0/{planted}"
+    assert chosen[0]["score"] == pytest.approx(1.0)  # exact: SSIM = Dice = IoU = 1
+    np.testing.assert_array_equal(labels > 0, truth)
+    for r in rows:
+        if r["k"] < planted:  # too few clusters merge the nucleus with something
+            assert r["score"] < 0.98
+        assert r["score"] == pytest.approx((r["ssim"] + r["dice"] + r["iou"]) / 3)
+
+
+def test_kmeans_selection_rejects_a_bad_range():
+    img = crop_image(THREE)
+    with pytest.raises(ValueError, match="expected 2 <= k_min <= k_max; got k_min=4, k_max=3"):
+        select_kmeans(img, disc_mask(C, C, 5), k_min=4, k_max=3)
+
+
+def test_otsu_contours_keeps_components_of_at_least_min_area():
+    # a cell (r=30), a cut red cell at the border (r=12, ~250 px in view) and a speck (~50 px)
+    layers = [((90, 60, 120), [(C, C, CELL_R), (0, 90, 12), (85, 10, 4)])]
+    img = crop_image(layers, noise=0.0)
+    merged = segment_cells(img, "otsu_contours")
+    cell, cut, speck = disc_mask(C, C, CELL_R), disc_mask(0, 90, 12), disc_mask(85, 10, 4)
+    assert speck.sum() < 100 < cut.sum()
+    assert merged.max() == 1  # S4: one object mask per single-cell image
+    np.testing.assert_array_equal(merged > 0, cell | cut)
+    apart = segment_cells(img, "otsu_contours", merge_components=False)
+    assert apart.max() == 2
+    big = segment_cells(img, "otsu_contours", min_area_px=300, merge_components=False)
+    np.testing.assert_array_equal(big > 0, cell)
+
+
+def test_otsu_contours_with_masked_background_paints_it_black():
+    img = crop_image([((90, 60, 120), [(C, C, CELL_R)])], noise=0.0)
+    # skimage's disc of radius 30 spans rows and columns 19..77: a 59-pixel box
+    params = SegmentParams(method="otsu_contours", mask_background=True, roi_margin=0.0,
+                           roi_size_px=59)  # fmt: skip
+    seg = segment_field(img, params)
+    rois, crops = field_rois(seg, "idb2/Im001_1", params)
+    assert len(rois) == 1
+    assert rois.loc[0, ["x0", "y0", "x1", "y1"]].tolist() == [19, 19, 78, 78]
+    inside = disc_mask(C, C, CELL_R)[19:78, 19:78]
+    assert (crops[0][~inside] == 0).all()
+    np.testing.assert_array_equal(crops[0][inside], img[19:78, 19:78][inside])
+
+
+@pytest.mark.parametrize(("size", "box"), [(100, (20, 20, 80, 80)), (450, (90, 90, 360, 360))])
+def test_center_crop_keeps_20_to_80_percent(size, box):
+    ramp = np.linspace(40, 220, size).astype(np.uint8)[None, :, None]  # not a blank field
+    img = np.ascontiguousarray(np.broadcast_to(ramp, (size, size, 3)))
+    labels = segment_cells(img, "center_crop")
+    assert labels.max() == 1
+    x0, y0, x1, y1 = box
+    assert (labels[y0:y1, x0:x1] == 1).all()
+    assert labels.sum() == (x1 - x0) * (y1 - y0)
+    params = SegmentParams(method="center_crop", roi_size_px=x1 - x0, roi_margin=0.4)
+    rois, crops = field_rois(segment_field(img, params), "cnmc/a", params)
+    assert rois.loc[0, ["x0", "y0", "x1", "y1"]].tolist() == list(box)  # no margin
+    np.testing.assert_array_equal(crops[0], img[y0:y1, x0:x1])
+
+
+def test_center_crop_rejects_reversed_fractions():
+    with pytest.raises(ValueError, match="start_fraction < end_fraction"):
+        segment_cells(crop_image([]), "center_crop", start_fraction=0.6, end_fraction=0.4)
+
+
+def test_none_makes_the_whole_image_one_roi():
+    img = crop_image(CELL_LAYERS)
+    params = SegmentParams(method="none", roi_size_px=96)
+    seg = segment_field(img, params)
+    assert (seg.labels == 1).all()
+    rois, crops = field_rois(seg, "zheng/1", params)
+    assert rois.loc[0, ["x0", "y0", "x1", "y1", "area_px"]].tolist() == [0, 0, 96, 96, 96 * 96]
+    np.testing.assert_array_equal(crops[0], img)
+    # a non-square image gives a square crop, padded by its edge pixels
+    rois, crops = field_rois(segment_field(img[:, :80], params), "zheng/2", params)
+    assert rois.loc[0, ["x0", "y0", "x1", "y1"]].tolist() == [-8, 0, 88, 96]
+    np.testing.assert_array_equal(crops[0][:, 8:88], img[:, :80])
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match=r"method must be one of .*got 'watershed'"):
+        segment_cells(field(NUCLEI), "watershed")
+    with pytest.raises(ValueError, match=r"method must be one of .*got 'watershed'"):
+        SegmentParams(method="watershed")
+
+
+def test_params_reject_unknown_keys_and_bad_k():
+    with pytest.raises(ValueError, match=r"unknown kmeans parameters \['kk'\]"):
+        SegmentParams(kmeans={"kk": 3})
+    with pytest.raises(ValueError, match="k_min=5, k_max=3"):
+        SegmentParams(kmeans={"k_min": 5, "k_max": 3})
+
+
+def test_every_method_gives_the_same_roi_record():
+    img = crop_image(CELL_LAYERS)
+    for method in segment.METHODS:
+        params = SegmentParams(method=method, roi_size_px=24, kmeans={"select_by_masks": False})
+        rois, crops = field_rois(segment_field(img, params), "x/1", params)
+        assert list(rois.columns) == ROI_COLUMNS, method
+        assert len(rois) == 1, method
+        assert crops.shape == (1, 24, 24, 3), method
+        assert rois.loc[0, "centroid_x"] == pytest.approx(C, abs=1.0), method
+
+
+def test_keep_central_keeps_the_region_nearest_the_centre():
+    labels = np.zeros((96, 96), dtype=np.int32)
+    labels[disc_mask(10, 10, 8)] = 1
+    labels[disc_mask(50, 46, 10)] = 2
+    labels[disc_mask(85, 80, 9)] = 3
+    kept = keep_central(labels)
+    np.testing.assert_array_equal(kept, disc_mask(50, 46, 10).astype(np.int32))
+    assert keep_central(np.zeros((5, 5), np.int32)).max() == 0
+    params = SegmentParams(method="kmeans", keep_regions="central")
+    seg = segment_field(crop_image(FOUR), params)  # red cells are cells too, but not central
+    assert seg.labels.max() == 1
+    assert _dice(seg.labels > 0, disc_mask(C, C, CELL_R)) > 0.95
+
+
+# ----------------------------------------------------------- bad and huge fields
+
+
+@pytest.mark.parametrize(
+    ("colour", "reason"),
+    [((0, 0, 0), "too_dark"), ((20, 10, 30), "too_dark"), ((255, 255, 255), "saturated"),
+     (BACKGROUND, "blank"), (NUCLEUS, "blank")],
+)  # fmt: skip
+def test_bad_fields_give_a_reason_and_no_roi(colour, reason):
+    img = np.empty((120, 160, 3), dtype=np.uint8)
+    img[:] = colour
+    assert check_field(img) == reason
+    for method in segment.METHODS:
+        seg = segment_field(img, SegmentParams(method=method))
+        assert seg.reason == reason, method
+        assert seg.labels.max() == 0
+        rois, crops = field_rois(seg, "x/1", SegmentParams(method=method))
+        assert len(rois) == 0
+        assert crops.shape == (0, 64, 64, 3)
+
+
+def test_noisy_dark_and_noisy_blank_fields():
+    rng = np.random.default_rng(0)
+    dark = np.clip(rng.normal(15, 8, (200, 240, 3)), 0, 255).astype(np.uint8)
+    assert check_field(dark) == "too_dark"
+    assert segment_field(field(seed=3), SegmentParams()).reason == "blank"
+    # saturated: more than 99% clipped white, a few dim pixels left
+    white = np.full((100, 100, 3), 255, np.uint8)
+    white[:5, :10] = 120
+    assert check_field(white) == "saturated"
+    white[:30, :30] = 120  # 9% not clipped: a real (if bright) field
+    assert check_field(white) == ""
+
+
+def test_field_without_a_large_enough_cell_gives_no_cell():
+    img = field(NUCLEI, RED_CELLS)
+    assert check_field(img) == ""
+    seg = segment_field(img, SegmentParams(min_area_px=5000))  # nuclei are < 620 px
+    assert seg.reason == "no_cell"
+    assert seg.labels.max() == 0
+    assert segment_field(img, SegmentParams()).reason == ""
+
+
+def test_huge_field_is_downscaled_with_a_note_and_boxes_in_original_pixels():
+    nuclei = [(200, 300, 40), (600, 900, 36)]
+    img = field(nuclei, [(400, 600, 50)], shape=(800, 1200), noise=2.0)
+    params = SegmentParams(max_image_px=240_000, roi_size_px=32)  # 1/4 of the pixels
+    seg = segment_field(img, params)
+    assert seg.scale == pytest.approx(0.5)
+    assert seg.rgb.shape == (400, 600, 3)
+    assert seg.note == "downscaled from 1200x800 to 600x400 (above max_image_px=240000)"
+    rois, crops = field_rois(seg, "big/1", params)
+    assert crops.shape == (2, 32, 32, 3)
+    full = SegmentParams(roi_size_px=32)
+    ref, _ = field_rois(segment_field(img, full), "big/1", full)
+    for row, exact in zip(rois.itertuples(), ref.itertuples(), strict=True):
+        assert row.centroid_x == pytest.approx(exact.centroid_x, abs=1.0)
+        assert row.centroid_y == pytest.approx(exact.centroid_y, abs=1.0)
+        assert row.area_px == pytest.approx(exact.area_px, rel=0.05)
+        assert abs(row.x0 - exact.x0) <= 3
+        assert abs(row.x1 - exact.x1) <= 3
+
+
+def test_segment_images_lists_every_image_with_its_reason(tmp_path):
+    good, blank, dark = tmp_path / "good.png", tmp_path / "blank.png", tmp_path / "dark.png"
+    Image.fromarray(field(NUCLEI, RED_CELLS)).save(good)
+    Image.fromarray(np.full((60, 80, 3), 200, np.uint8)).save(blank)
+    Image.fromarray(np.zeros((60, 80, 3), np.uint8)).save(dark)
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(good.read_bytes()[:200])
+    ids = ["d/good", "d/blank", "d/dark", "d/corrupt", "d/missing"]
+    out = segment_images(
+        [good, blank, dark, corrupt, tmp_path / "missing.png"], ids, params=SegmentParams()
+    )
+    assert out.images["image_id"].tolist() == ids
+    assert out.images["n_rois"].tolist() == [4, 0, 0, 0, 0]
+    assert out.images["reason"].tolist() == ["", "blank", "too_dark", "unreadable", "missing_file"]
+    assert "missing.png" in out.images.loc[4, "note"]
+    assert len(out.rois) == 4
+
+
+# ----------------------------------------------------- kmeans against expert masks
+
+
+def test_segment_images_kmeans_chooses_k_per_image_against_masks(tmp_path):
+    paths, masks, ids = [], [], []
+    for i, layers in enumerate([THREE, FOUR, THREE]):
+        img = tmp_path / f"{i}.bmp"
+        Image.fromarray(crop_image(layers, seed=i)).save(img)
+        grey = np.where(disc_mask(C, C, NUCLEUS_R), 255, np.where(disc_mask(C, C, CELL_R), 128, 0))
+        mask = tmp_path / f"{i}.png"
+        Image.fromarray(grey.astype(np.uint8)).save(mask)
+        paths.append(img)
+        masks.append(mask if i < 2 else "")  # the third image has no mask
+        ids.append(f"z/{i}")
+    params = SegmentParams(method="kmeans", kmeans={"target": "nucleus", "segment": "darkest"})
+    out = segment_images(paths, ids, params=params, mask_paths=masks)
+    assert out.images["k"].tolist() == [3, 4, 3]  # planted, planted, configured k
+    assert out.images["n_rois"].tolist() == [1, 1, 1]
+    assert list(out.k_scores.columns) == K_SCORE_COLUMNS
+    assert len(out.k_scores) == 2 * 5  # two images with masks x k = 2..6
+    chosen = out.k_scores[out.k_scores["chosen"]]
+    assert chosen[["image_id", "k"]].values.tolist() == [["z/0", 3], ["z/1", 4]]
+    table = summarise_k_scores(out.k_scores, pd.Series({"z/0": "L1", "z/1": "L2", "z/2": "L1"}))
+    assert table["label"].tolist() == ["L1"] * 5 + ["L2"] * 5 + ["all"] * 5
+    best = table[table["best"]].set_index("label")["k"].to_dict()
+    assert best["L1"] == 3
+    assert best["L2"] == 4
+    assert table.loc[table["label"] == "all", "n_images"].tolist() == [2] * 5
+    assert table.loc[(table["label"] == "L2") & (table["k"] == 4), "score"].item() == 1.0
+    # select_by_masks false: the configured k everywhere, no score table
+    fixed = replace(params, kmeans={**params.kmeans, "select_by_masks": False})
+    out = segment_images(paths, ids, params=fixed, mask_paths=masks)
+    assert out.images["k"].tolist() == [3, 3, 3]
+    assert out.k_scores.empty
+    assert summarise_k_scores(out.k_scores, pd.Series(dtype=str)).empty
+
+
+def test_cnmc_like_cell_on_black_is_not_too_dark():
+    # C-NMC: the cell sits centred on a black background
+    img = np.zeros((450, 450, 3), np.uint8)
+    img[disk((225, 225), 90, shape=img.shape[:2])] = (150, 110, 170)
+    img[disk((225, 225), 60, shape=img.shape[:2])] = (90, 50, 130)
+    assert check_field(img) == ""
+    params = SegmentParams(method="center_crop", roi_size_px=32)
+    seg = segment_field(img, params)
+    assert seg.reason == ""
+    rois, _ = field_rois(seg, "cnmc/UID_H10_43_1_hem", params)
+    assert rois[["x0", "y0", "x1", "y1"]].values.tolist() == [[90, 90, 360, 360]]

@@ -1,4 +1,19 @@
-# Segment: manifest -> per-dataset ROI table and ROI crops (zarr), dask inside.
+# Segment: manifest -> per-dataset ROI table and ROI crops (zarr), dask inside;
+# QA of the segmentation against the masks and annotations a dataset brings.
+
+from leukflow.config import ConfigError
+
+_KMEANS = config["segmentation"]["kmeans"]
+if _KMEANS["k_min"] > _KMEANS["k_max"]:
+    raise ConfigError(
+        "invalid leukflow configuration:\n  segmentation.kmeans: expected k_min <= k_max; "
+        f"got k_min={_KMEANS['k_min']}, k_max={_KMEANS['k_max']}"
+    )
+
+# The run's method first, then the further methods QA scores.
+QA_METHODS = list(
+    dict.fromkeys([config["segmentation"]["method"], *config["qa"]["methods"]])
+)
 
 
 rule segment_cells:
@@ -7,6 +22,8 @@ rule segment_cells:
     output:
         rois=result("segment/{dataset}/rois.parquet"),
         crops=directory(result("segment/{dataset}/crops.zarr")),
+        images=result("segment/{dataset}/images.parquet"),
+        kmeans_scores=result("segment/{dataset}/kmeans_scores.csv"),
     log:
         logfile("segment/{dataset}.log"),
     benchmark:
@@ -36,3 +53,28 @@ rule gather_rois:
         "../../envs/leukflow.yaml"
     script:
         "../scripts/gather_tables.py"
+
+
+rule score_segmentation:
+    input:
+        manifest=result("manifest.parquet"),
+    output:
+        per_image=result("qa/{dataset}/per_image.csv"),
+        summary=result("qa/{dataset}/summary.csv"),
+        overlays=expand(
+            result("qa/{{dataset}}/overlays_{method}.png"), method=QA_METHODS
+        ),
+    log:
+        logfile("qa/{dataset}.log"),
+    benchmark:
+        benchfile("qa/{dataset}.tsv")
+    conda:
+        "../../envs/leukflow.yaml"
+    threads: 4
+    resources:
+        mem_mb=4000,
+    params:
+        segmentation=config["segmentation"],
+        methods=QA_METHODS,
+    script:
+        "../scripts/score_segmentation.py"

@@ -1,30 +1,42 @@
-"""Rule segment_cells: one dataset's fields -> ROI table and ROI crops."""
+"""Rule segment_cells: one dataset's fields -> ROI table, ROI crops, per-image table."""
 
 from pathlib import Path
 
 from leukflow.io import read_table, write_crops, write_table
 from leukflow.runlog import start_log
-from leukflow.segment import SegmentParams, segment_images
+from leukflow.segment import SegmentParams, segment_images, summarise_k_scores
 
 cfg = snakemake.params.segmentation
 log = start_log("segment_cells", snakemake.log[0], {**cfg, "threads": snakemake.threads})
 manifest = read_table(snakemake.input.manifest)
 images = manifest[manifest["dataset"] == snakemake.wildcards.dataset]
 params = SegmentParams(
+    method=cfg["method"],
     channel=cfg["channel"],
     classes=cfg["classes"],
     min_area_px=cfg["min_area_px"],
     closing_radius_px=cfg["closing_radius_px"],
+    kmeans=cfg["kmeans"],
+    otsu_contours=cfg["otsu_contours"],
+    center_crop=cfg["center_crop"],
+    keep_regions=cfg["keep_regions"],
+    mask_background=cfg["mask_background"],
     roi_margin=cfg["roi_margin"],
     roi_size_px=cfg["roi_size_px"],
+    max_image_px=cfg["max_image_px"],
 )
-rois, crops = segment_images(
-    [Path(root) / path for root, path in zip(images["root"], images["path"], strict=True)],
+roots = [Path(root) for root in images["root"]]
+result = segment_images(
+    [root / path for root, path in zip(roots, images["path"], strict=True)],
     images["image_id"].tolist(),
     params=params,
+    mask_paths=[root / m if m else "" for root, m in zip(roots, images["mask_path"], strict=True)],
     n_workers=snakemake.threads,
     chunk_size=cfg["chunk_size"],
 )
-write_crops(crops, snakemake.output.crops, attrs={"method": cfg["method"], **cfg})
-write_table(rois, snakemake.output.rois)
-log.info("%d ROIs from %d images", len(rois), len(images))
+write_crops(result.crops, snakemake.output.crops, attrs={"method": cfg["method"], **cfg})
+write_table(result.rois, snakemake.output.rois)
+write_table(result.images, snakemake.output.images)
+labels = images.set_index("image_id")["label"]
+write_table(summarise_k_scores(result.k_scores, labels), snakemake.output.kmeans_scores)
+log.info("%d ROIs from %d images", len(result.rois), len(images))

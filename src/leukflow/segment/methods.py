@@ -1,0 +1,421 @@
+"""Segmentation methods: an RGB field -> an int32 label image, one label per cell.
+
+Each published method is one function ``method(rgb, **params) -> labels`` in
+:data:`METHODS`; :func:`segment_cells` dispatches by name. What a region means
+depends on the method (a nucleus for ``multiotsu``, a whole cell for ``kmeans``
+with ``segment: all_but_brightest``); ROIs are cut from the label image by
+:func:`leukflow.segment.rois.extract_rois`, the same for every method.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+from skimage import color, filters, measure, morphology
+from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
+from threadpoolctl import threadpool_limits
+
+from leukflow.segment.masks import dice, iou, score_mask
+
+log = logging.getLogger(__name__)
+
+CHANNELS = ("grey", "red", "red_minus_blue")
+KMEANS_SEGMENTS = ("all_but_brightest", "darkest")
+
+#: Gaussian blur before k-means (S2): a 5x5 kernel with OpenCV's sigma for that
+#: size, 0.3 * ((5 - 1) / 2 - 1) + 0.8 = 1.1; truncate makes the radius 2 pixels.
+KMEANS_BLUR_SIGMA = 1.1
+KMEANS_BLUR_TRUNCATE = 2 / KMEANS_BLUR_SIGMA
+
+
+def _check_rgb(rgb: np.ndarray, who: str) -> None:
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"{who}: expected an (H, W, 3) RGB image; got shape {rgb.shape}")
+
+
+def _empty(rgb: np.ndarray) -> np.ndarray:
+    return np.zeros(rgb.shape[:2], dtype=np.int32)
+
+
+def _intensity(rgb: np.ndarray, channel: str) -> np.ndarray:
+    """Map RGB to one float channel in which nuclei are the darkest pixels."""
+    if channel == "grey":
+        return color.rgb2gray(rgb)
+    if channel == "red":
+        return rgb[..., 0] / 255.0
+    if channel == "red_minus_blue":  # purple nuclei: blue > red; red cells: red > blue
+        return (rgb[..., 0].astype(np.float64) - rgb[..., 2] + 255.0) / 510.0
+    raise ValueError(f"segment_cells: channel must be one of {CHANNELS}; got {channel!r}")
+
+
+def label_regions(mask: np.ndarray, *, min_area_px: int, fill_holes: bool = True) -> np.ndarray:
+    """Fill holes, drop regions smaller than ``min_area_px`` and label the rest.
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        ``(H, W)`` bool foreground.
+    min_area_px : int
+        Smallest region kept, in pixels.
+    fill_holes : bool
+        Fill background enclosed by a region before measuring it.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W)`` int32 labels, 0 = background.
+    """
+    if fill_holes:
+        mask = ndi.binary_fill_holes(mask)
+    mask = morphology.remove_small_objects(mask, max_size=min_area_px - 1)
+    return measure.label(mask).astype(np.int32)
+
+
+# ------------------------------------------------------------------ S0: multiotsu
+
+
+def segment_multiotsu(
+    rgb: np.ndarray,
+    *,
+    channel: str = "grey",
+    classes: int = 3,
+    min_area_px: int = 250,
+    closing_radius_px: int = 4,
+) -> np.ndarray:
+    """S0: label white cells (their nuclei) as the darkest multi-Otsu class.
+
+    The grey image holds three populations (white-cell nuclei darkest, red
+    cells, background); multi-Otsu thresholding separates them and the darkest
+    class marks white cells. A closing joins the lobes of one nucleus, small
+    specks (platelets, noise) are dropped by area.
+
+    Parameters
+    ----------
+    rgb : numpy.ndarray
+        ``(H, W, 3)`` uint8 RGB field.
+    channel : str
+        Intensity thresholded (:data:`CHANNELS`): ``grey`` (S0 as published),
+        ``red``, or ``red_minus_blue`` (purple nuclei against red cells).
+    classes : int
+        Multi-Otsu classes; pixels of the darkest class are white-cell candidates.
+    min_area_px : int
+        Regions smaller than this after clean-up are dropped.
+    closing_radius_px : int
+        Radius of the disk used to close gaps between nucleus lobes.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W)`` int32 label image, 0 = background, 1..n = white cells.
+    """
+    _check_rgb(rgb, "segment_cells")
+    grey = _intensity(rgb, channel)
+    if np.ptp(grey) == 0:
+        return _empty(rgb)
+    try:
+        thresholds = filters.threshold_multiotsu(grey, classes=classes)
+    except ValueError:  # fewer grey levels than classes: nothing to separate
+        return _empty(rgb)
+    mask = grey < thresholds[0]
+    mask = morphology.opening(mask, morphology.disk(1))
+    if closing_radius_px:
+        mask = morphology.closing(mask, morphology.disk(closing_radius_px))
+    mask = morphology.remove_small_holes(mask, max_size=min_area_px)
+    mask = morphology.remove_small_objects(mask, max_size=min_area_px - 1)
+    return measure.label(mask).astype(np.int32)
+
+
+# ---------------------------------------------------------------- S2: k-means
+
+
+def kmeans_clusters(
+    rgb: np.ndarray, *, k: int, seed: int = 0, max_fit_px: int = 50_000
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster the blurred colours of a field into ``k`` clusters, darkest first.
+
+    The field is blurred with a 5x5 Gaussian; k-means (seeded) is fitted on at
+    most ``max_fit_px`` pixels drawn with the same seed, then every pixel is
+    assigned to its nearest centre.
+
+    Returns
+    -------
+    clusters : numpy.ndarray
+        ``(H, W)`` int32 cluster index, 0 = the darkest centre (grey), k-1 the brightest.
+    centres : numpy.ndarray
+        ``(k, 3)`` float64 RGB centres in the same order.
+    """
+    _check_rgb(rgb, "segment_cells")
+    blurred = filters.gaussian(
+        rgb.astype(np.float64),
+        sigma=KMEANS_BLUR_SIGMA,
+        truncate=KMEANS_BLUR_TRUNCATE,
+        channel_axis=-1,
+        preserve_range=True,
+    )
+    pixels = blurred.reshape(-1, 3)
+    rng = np.random.default_rng(seed)
+    fit = pixels
+    if len(pixels) > max_fit_px:
+        fit = pixels[np.sort(rng.choice(len(pixels), max_fit_px, replace=False))]
+    # One image is a small problem: OpenMP threads cost more than they give (25x
+    # slower on a busy 2-core machine), and parallelism comes from processes.
+    with warnings.catch_warnings(), threadpool_limits(limits=1):
+        # fewer distinct colours than k: some centres coincide, which is harmless here
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model = KMeans(n_clusters=k, n_init=1, random_state=seed).fit(fit)
+        assigned = model.predict(pixels)
+    order = np.argsort(color.rgb2gray(model.cluster_centers_[None] / 255.0)[0], kind="stable")
+    rank = np.empty(k, dtype=np.int32)
+    rank[order] = np.arange(k, dtype=np.int32)
+    clusters = rank[assigned].reshape(rgb.shape[:2])
+    return clusters, model.cluster_centers_[order]
+
+
+def kmeans_candidates(clusters: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """Candidate masks of one clustering: each cluster, and the j darkest together.
+
+    S2 scores each cluster; a whole cell (nucleus plus cytoplasm) spans two
+    clusters once k >= 3, so the unions of the j darkest clusters (j = 2..k-1)
+    are candidates too.
+
+    Returns
+    -------
+    dict of str to numpy.ndarray
+        ``"cluster i/k"`` (0 = darkest) and ``"darkest j/k"`` -> ``(H, W)`` bool.
+    """
+    out = {f"cluster {i}/{k}": clusters == i for i in range(k)}
+    out.update({f"darkest {j}/{k}": clusters < j for j in range(2, k)})
+    return out
+
+
+def segment_kmeans(
+    rgb: np.ndarray,
+    *,
+    k: int = 3,
+    seed: int = 0,
+    segment: str = "all_but_brightest",
+    min_area_px: int = 100,
+    max_fit_px: int = 50_000,
+) -> np.ndarray:
+    """S2 without ground truth: k-means colour clusters with a fixed ``k``.
+
+    Parameters
+    ----------
+    rgb : numpy.ndarray
+        ``(H, W, 3)`` uint8 RGB field.
+    k : int
+        Number of clusters (S2 recommends 3).
+    seed : int
+        Seed of the k-means initialisation and of the pixel sample.
+    segment : str
+        ``all_but_brightest``: every cluster but the brightest (the background),
+        i.e. whole cells on single-cell crops; ``darkest``: the darkest cluster
+        (nuclei), for smear fields.
+    min_area_px : int
+        Regions smaller than this (after hole filling) are dropped.
+    max_fit_px : int
+        At most this many pixels fit the clusters.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W)`` int32 label image.
+    """
+    if segment not in KMEANS_SEGMENTS:
+        raise ValueError(f"kmeans: segment must be one of {KMEANS_SEGMENTS}; got {segment!r}")
+    if k < 2:
+        raise ValueError(f"kmeans: expected k >= 2; got {k}")
+    clusters, _ = kmeans_clusters(rgb, k=k, seed=seed, max_fit_px=max_fit_px)
+    mask = clusters == 0 if segment == "darkest" else clusters < k - 1
+    return label_regions(mask, min_area_px=min_area_px)
+
+
+# ------------------------------------------------------- S4: Otsu, crops, none
+
+
+def segment_otsu_contours(
+    rgb: np.ndarray, *, min_area_px: int = 100, merge_components: bool = True
+) -> np.ndarray:
+    """S4 on ALL-IDB2: Otsu threshold of the grey image, connected components.
+
+    Pixels darker than Otsu's threshold are objects; components smaller than
+    ``min_area_px`` are dropped (S4: 100 px). With ``merge_components`` the
+    kept components form one region (one ROI per single-cell image, whose
+    background ``mask_background`` paints black, as S4 does); otherwise each
+    component is its own region.
+    """
+    _check_rgb(rgb, "segment_cells")
+    grey = color.rgb2gray(rgb)
+    if np.ptp(grey) == 0:
+        return _empty(rgb)
+    mask = morphology.remove_small_objects(
+        grey < filters.threshold_otsu(grey), max_size=min_area_px - 1, connectivity=2
+    )
+    if merge_components:
+        return mask.astype(np.int32)
+    return measure.label(mask, connectivity=2).astype(np.int32)
+
+
+def segment_center_crop(
+    rgb: np.ndarray, *, start_fraction: float = 0.2, end_fraction: float = 0.8
+) -> np.ndarray:
+    """S4 on C-NMC: one region from ``start_fraction`` to ``end_fraction`` of each side.
+
+    C-NMC cells sit centred on a black background; S4 keeps the middle (20% to
+    80% of the height and width) and resizes it.
+    """
+    _check_rgb(rgb, "segment_cells")
+    if not 0 <= start_fraction < end_fraction <= 1:
+        raise ValueError(
+            "center_crop: expected 0 <= start_fraction < end_fraction <= 1; "
+            f"got {start_fraction} and {end_fraction}"
+        )
+    h, w = rgb.shape[:2]
+    r0, c0 = round(start_fraction * h), round(start_fraction * w)
+    r1, c1 = max(round(end_fraction * h), r0 + 1), max(round(end_fraction * w), c0 + 1)
+    labels = _empty(rgb)
+    labels[r0:r1, c0:c1] = 1
+    return labels
+
+
+def segment_whole_image(rgb: np.ndarray) -> np.ndarray:
+    """``none``: the image is already one cell; one region covers all of it."""
+    _check_rgb(rgb, "segment_cells")
+    return np.ones(rgb.shape[:2], dtype=np.int32)
+
+
+# ------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class Method:
+    """A segmentation method: its function and how its ROIs are cut.
+
+    Attributes
+    ----------
+    function : callable
+        ``function(rgb, **params) -> (H, W) int32 labels``.
+    uses_margin : bool
+        The ROI is the region's box plus ``roi_margin``; False: exactly the region's box.
+    """
+
+    function: Callable[..., np.ndarray]
+    uses_margin: bool = True
+
+
+METHODS: dict[str, Method] = {
+    "multiotsu": Method(segment_multiotsu),
+    "kmeans": Method(segment_kmeans),
+    "otsu_contours": Method(segment_otsu_contours),
+    "center_crop": Method(segment_center_crop, uses_margin=False),
+    "none": Method(segment_whole_image, uses_margin=False),
+}
+
+
+def segment_cells(rgb: np.ndarray, method: str = "multiotsu", **params) -> np.ndarray:
+    """Label the cells of a field with one of :data:`METHODS`.
+
+    Parameters
+    ----------
+    rgb : numpy.ndarray
+        ``(H, W, 3)`` uint8 RGB field.
+    method : str
+        A key of :data:`METHODS`.
+    **params
+        The method's keyword parameters (see its function).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W)`` int32 label image, 0 = background, 1..n = cells.
+    """
+    if method not in METHODS:
+        raise ValueError(f"segment_cells: method must be one of {sorted(METHODS)}; got {method!r}")
+    return METHODS[method].function(rgb, **params)
+
+
+def keep_central(labels: np.ndarray) -> np.ndarray:
+    """Keep only the region whose centroid is nearest the image centre, as label 1.
+
+    For datasets of single-cell crops, where the cell sits in the middle and
+    neighbouring red cells or fragments are cut by the border.
+    """
+    regions = measure.regionprops(labels)
+    if len(regions) <= 1:
+        return (labels > 0).astype(np.int32)
+    cy, cx = (labels.shape[0] - 1) / 2, (labels.shape[1] - 1) / 2
+    best = min(regions, key=lambda r: (r.centroid[0] - cy) ** 2 + (r.centroid[1] - cx) ** 2)
+    return (labels == best.label).astype(np.int32)
+
+
+def select_kmeans(
+    rgb: np.ndarray,
+    truth: np.ndarray,
+    *,
+    k_min: int = 2,
+    k_max: int = 6,
+    seed: int = 0,
+    min_area_px: int = 100,
+    max_fit_px: int = 50_000,
+    finish: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> tuple[np.ndarray, list[dict]]:
+    """S2 with ground truth: pick k and the segment that best match an expert mask.
+
+    For every k in ``k_min..k_max`` the field is clustered (:func:`kmeans_clusters`)
+    and every candidate (:func:`kmeans_candidates`, after hole filling, the
+    area limit and ``finish``) is scored against ``truth`` by the mean of SSIM,
+    Dice and IoU; the best candidate per k is kept, and the best k overall
+    (ties: the smaller k, then the earlier candidate).
+
+    Parameters
+    ----------
+    rgb : numpy.ndarray
+        ``(H, W, 3)`` uint8 field.
+    truth : numpy.ndarray
+        ``(H, W)`` bool expert mask (whole cell or nucleus).
+    k_min, k_max : int
+        Range of k, both included.
+    seed, min_area_px, max_fit_px
+        As in :func:`segment_kmeans`.
+    finish : callable, optional
+        Applied to each candidate's labels before scoring (e.g. :func:`keep_central`).
+
+    Returns
+    -------
+    labels : numpy.ndarray
+        ``(H, W)`` int32 labels of the chosen candidate.
+    scores : list of dict
+        One per k: ``k``, ``segment`` (best candidate's name), ``ssim``,
+        ``dice``, ``iou``, ``score``, ``chosen`` (bool).
+    """
+    if not 2 <= k_min <= k_max:
+        raise ValueError(f"kmeans: expected 2 <= k_min <= k_max; got k_min={k_min}, k_max={k_max}")
+    if truth.shape != rgb.shape[:2]:
+        raise ValueError(f"kmeans: mask shape {truth.shape} differs from image {rgb.shape[:2]}")
+    rows, best_labels, best_score, best_k = [], _empty(rgb), -np.inf, k_min
+    for k in range(k_min, k_max + 1):
+        clusters, _ = kmeans_clusters(rgb, k=k, seed=seed, max_fit_px=max_fit_px)
+        row: dict = {"k": k, "score": -np.inf}
+        for name, mask in kmeans_candidates(clusters, k).items():
+            labels = label_regions(mask, min_area_px=min_area_px)
+            if finish is not None:
+                labels = finish(labels)
+            pred = labels > 0
+            d, j = dice(pred, truth), iou(pred, truth)
+            if (d + j + 1) / 3 <= row["score"]:  # SSIM <= 1: cannot beat this k's best
+                continue
+            scores = score_mask(pred, truth)
+            if scores["score"] > row["score"]:
+                row = {"k": k, "segment": name, **scores}
+                if scores["score"] > best_score:
+                    best_score, best_labels, best_k = scores["score"], labels, k
+        rows.append(row)
+    for row in rows:
+        row["chosen"] = row["k"] == best_k
+    return best_labels, rows

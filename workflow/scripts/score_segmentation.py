@@ -1,0 +1,38 @@
+"""Rule score_segmentation: one dataset's segmentation against its masks and annotations."""
+
+from dataclasses import replace
+
+from leukflow.io import read_table, write_table
+from leukflow.qa import plot_overlays, score_segmentation, summarise_qa
+from leukflow.runlog import start_log
+from leukflow.segment import SegmentParams
+
+cfg, methods = snakemake.params.segmentation, snakemake.params.methods
+dataset = snakemake.wildcards.dataset
+log = start_log("score_segmentation", snakemake.log[0], {**cfg, "qa_methods": methods})
+manifest = read_table(snakemake.input.manifest)
+images = manifest[manifest["dataset"] == dataset]
+params = SegmentParams(
+    method=cfg["method"],
+    channel=cfg["channel"],
+    classes=cfg["classes"],
+    min_area_px=cfg["min_area_px"],
+    closing_radius_px=cfg["closing_radius_px"],
+    kmeans=cfg["kmeans"],
+    otsu_contours=cfg["otsu_contours"],
+    center_crop=cfg["center_crop"],
+    keep_regions=cfg["keep_regions"],
+    mask_background=cfg["mask_background"],
+    roi_margin=cfg["roi_margin"],
+    roi_size_px=cfg["roi_size_px"],
+    max_image_px=cfg["max_image_px"],
+)
+per_image = score_segmentation(images, params, methods=methods, n_workers=snakemake.threads)
+summary = summarise_qa(per_image, methods)
+write_table(per_image, snakemake.output.per_image)
+write_table(summary, snakemake.output.summary)
+for method, png in zip(methods, snakemake.output.overlays, strict=True):
+    plot_overlays(
+        images, per_image, replace(params, method=method), png, title=f"{dataset} / {method}"
+    )
+log.info("QA summary:\n%s", summary.to_string())
