@@ -1,9 +1,18 @@
 """Tests of patient-grouped folds (leukflow.folds)."""
 
+import logging
+
 import pandas as pd
 import pytest
 
-from leukflow.folds import LeakageError, assign_folds, check_no_leakage, label_rois
+from leukflow.folds import (
+    RARE_STRATUM,
+    LeakageError,
+    assign_folds,
+    check_no_leakage,
+    fold_strata,
+    label_rois,
+)
 
 K = 5
 
@@ -28,7 +37,10 @@ def _manifest(n_patients=20, per_patient=3, dataset="demo", labels=("ALL", "norm
 def test_assign_folds_groups_patients_and_uses_every_fold():
     manifest = _manifest()
     folds = assign_folds(manifest, k=K, seed=0)
-    assert list(folds.columns) == ["dataset", "image_id", "patient", "group", "label", "fold"]
+    assert list(folds.columns) == [
+        "dataset", "image_id", "patient", "group", "label", "fold", "leaky"
+    ]  # fmt: skip
+    assert not folds["leaky"].any()
     assert len(folds) == len(manifest)
     assert sorted(folds["image_id"]) == sorted(manifest["image_id"])
     assert folds["fold"].dtype.kind == "i"
@@ -159,3 +171,101 @@ def test_duplicate_images_join_their_patients_into_one_fold():
     assert folds["group"].nunique() == 8
     alone = assign_folds(manifest, k=3, seed=0)
     assert alone["group"].nunique() == 10
+
+
+# --------------------------------------------------------------- random protocol
+
+
+def test_random_protocol_splits_images_and_marks_leaky(caplog):
+    manifest = _manifest(n_patients=20, per_patient=5)
+    with caplog.at_level(logging.WARNING, logger="leukflow.folds"):
+        folds = assign_folds(manifest, k=K, seed=0, protocol="random")
+    assert "results are marked leaky=True" in caplog.text
+    assert folds["leaky"].all()
+    assert sorted(folds["fold"].unique()) == list(range(K))
+    # images, not patients, are split: some patients end up on both sides
+    assert (folds.groupby("patient")["fold"].nunique() > 1).any()
+    # stratified over images: 50 images of each label, 10 per fold
+    per_fold = folds.groupby(["fold", "label"]).size().unstack()
+    assert (per_fold == 10).all().all()
+    # the leakage check leaves the leaky rows alone ...
+    check_no_leakage(folds)
+    # ... but not the same folds presented as grouped
+    with pytest.raises(LeakageError):
+        check_no_leakage(folds.assign(leaky=False))
+    grouped = assign_folds(manifest, k=K, seed=0, protocol="grouped")
+    assert not grouped["leaky"].any()
+    assert (grouped.groupby("patient")["fold"].nunique() == 1).all()
+
+
+def test_random_protocol_needs_k_images_and_a_known_protocol():
+    with pytest.raises(ValueError, match=r"dataset 'demo' has 4 images, fewer than k=5"):
+        assign_folds(_manifest(4, 1), k=5, seed=0, protocol="random")
+    with pytest.raises(ValueError, match=r"protocol must be one of .*got 'leaky'"):
+        assign_folds(_manifest(), k=5, seed=0, protocol="leaky")
+
+
+# -------------------------------------------------- labels rarer than the folds
+
+
+def _with_rare(n_rare, per_patient=1):
+    manifest = _manifest(n_patients=20, per_patient=per_patient)
+    rare = _manifest(n_patients=n_rare, per_patient=per_patient, labels=("basophil",))
+    rare["image_id"] = rare["image_id"].str.replace("/p", "/r")
+    rare["patient"] = rare["patient"].str.replace("p", "r")
+    return pd.concat([manifest, rare], ignore_index=True)
+
+
+@pytest.mark.parametrize("protocol", ["grouped", "random"])
+def test_a_one_member_label_warns_and_does_not_crash(caplog, protocol):
+    manifest = _with_rare(1)  # like zheng Dataset 1's single basophil
+    with caplog.at_level(logging.WARNING, logger="leukflow.folds"):
+        folds = assign_folds(manifest, k=K, seed=0, protocol=protocol)
+    warning = [r for r in caplog.records if "fewer members than k=5" in r.message]
+    assert len(warning) == 1
+    assert warning[0].levelno == logging.WARNING
+    assert "'basophil' (1)" in warning[0].message
+    assert "rare stratum" in warning[0].message
+    assert len(folds) == len(manifest)
+    assert set(folds["label"]) == {"ALL", "normal", "basophil"}  # the label is kept
+    assert folds.loc[folds["label"] == "basophil", "fold"].nunique() == 1
+    # the common labels are still stratified: 2 patients of each per fold
+    per_fold = folds[folds["label"] != "basophil"].groupby(["fold", "label"]).size().unstack()
+    assert (per_fold == 2).all().all()
+
+
+def test_rare_labels_are_stratified_together():
+    # two rare labels with 3 + 2 = 5 patients: as one stratum they fill the 5 folds
+    manifest = _with_rare(3)
+    extra = manifest[manifest["label"] == "basophil"].head(2).copy()
+    extra["label"] = "eosinophil"
+    extra["image_id"] = extra["image_id"] + "e"
+    extra["patient"] = extra["patient"] + "e"
+    manifest = pd.concat([manifest, extra], ignore_index=True)
+    strata = fold_strata(manifest["label"], manifest["patient"], k=K)
+    assert set(strata) == {"ALL", "normal", RARE_STRATUM}
+    assert (strata[manifest["label"] == "eosinophil"] == RARE_STRATUM).all()
+    folds = assign_folds(manifest, k=K, seed=0)
+    rare = folds[folds["label"].isin(["basophil", "eosinophil"])]
+    assert sorted(rare["fold"]) == list(range(K))  # one rare patient per fold
+
+
+def test_fold_strata_leaves_common_labels_alone(caplog):
+    labels = pd.Series(["a"] * 10 + ["b"] * 10)
+    with caplog.at_level(logging.WARNING, logger="leukflow.folds"):
+        strata = fold_strata(labels, pd.Series(range(20)), k=5)
+    assert strata.equals(labels)
+    assert caplog.text == ""
+
+
+def test_duplicates_across_datasets_join_groups_and_split_per_dataset():
+    manifest = pd.concat(
+        [_manifest(10, 2, "a"), _manifest(10, 2, "b", labels=("ALL", "HEM"))], ignore_index=True
+    )
+    duplicates = pd.DataFrame({"image_id_a": ["a/p01_0"], "image_id_b": ["b/p04_1"]})
+    folds = assign_folds(manifest, k=3, seed=0, duplicates=duplicates)
+    joined = folds[folds["image_id"].str.match(r"a/p01_|b/p04_")]
+    assert joined["group"].nunique() == 1  # one group, named after its first patient
+    assert (joined["group"] == "a/p01").all()
+    for _, part in folds.groupby("dataset"):
+        assert (part.groupby("group")["fold"].nunique() == 1).all()

@@ -35,6 +35,7 @@ def test_dry_run_of_the_demo_config_plans_every_stage(tmp_path):
     counts = job_counts(run.stdout + run.stderr)
     assert counts == {
         "draw_demo_data_demo": 1, "ingest_images": 1, "segment_cells": 1, "gather_rois": 1,
+        "score_segmentation": 1,
         "assign_folds": 1, "train_encoder": 5, "embed_rois": 1, "fit_classifiers": 1,
         "summarise_metrics": 1, "all": 1,
     }  # fmt: skip
@@ -112,6 +113,7 @@ def test_e2e_folds_and_embeddings(e2e_run):
     _, out = e2e_run
     folds = pd.read_csv(out / "folds.csv")
     assert sorted(folds["fold"].unique()) == [0, 1, 2]
+    assert not folds["leaky"].any()  # folds.protocol grouped, the default
     assert (folds.groupby("patient")["fold"].nunique() == 1).all()
     assert (folds["group"] == "demo/" + folds["patient"]).all()
     n_rois = len(pd.read_parquet(out / "rois.parquet"))
@@ -148,9 +150,59 @@ def test_e2e_metrics_are_consistent_with_predictions(e2e_run):
                     & (metrics["fold"] == "0")].iloc[0]  # fmt: skip
     part = knn[knn["fold"] == 0]
     assert fold0["accuracy"] == pytest.approx((part["label"] == part["pred"]).mean())
-    for png in ["random_forest", "knn"]:
-        path = out / "plots" / "demo" / "resnet18" / f"{png}_confusion.png"
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for clf in ["random_forest", "knn"]:
+        for kind in ["confusion", "roc", "calibration", "wbc_count"]:
+            path = out / "plots" / "demo" / "resnet18" / f"{clf}_{kind}.png"
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.e2e
+def test_e2e_pooled_metrics_with_bootstrap_cis_and_per_class_table(e2e_run):
+    _, out = e2e_run
+    metrics = pd.read_csv(out / "metrics.csv", dtype={"fold": str})
+    assert not metrics["leaky"].any()
+    pooled = metrics[metrics["fold"] == "pooled"]
+    assert len(pooled) == 2 * 2 * 9  # classifiers x levels x metrics
+    not_pooled = metrics.loc[metrics["fold"] != "pooled", ["metric", "ci_low", "ci_high"]]
+    assert not_pooled.isna().all().all()
+    preds = pd.read_parquet(out / "evaluate" / "demo" / "resnet18" / "image_predictions.parquet")
+    for (clf, level), part in pooled.groupby(["classifier", "level"]):
+        rows = part.set_index("metric")
+        acc = rows.loc["accuracy"]
+        assert acc["ci_low"] <= acc["accuracy"] <= acc["ci_high"]
+        assert acc["ci_high"] - acc["ci_low"] > 0.05  # 6 patients: a wide interval
+        if level == "image":
+            mine = preds[preds["classifier"] == clf]
+            assert acc["accuracy"] == pytest.approx((mine["label"] == mine["pred"]).mean())
+            assert acc["n"] == 12
+    per_class = pd.read_csv(out / "metrics_per_class.csv", dtype={"fold": str})
+    image = per_class[(per_class["level"] == "image") & (per_class["fold"] == "pooled")]
+    for _, part in image.groupby("classifier"):
+        assert list(part["class"]) == ["ALL", "healthy", "macro", "weighted"]
+        assert part["support"].iloc[-1] == 12
+
+
+@pytest.mark.e2e
+def test_e2e_models_are_saved_per_fold_and_load_back(e2e_run):
+    _, out = e2e_run
+    from leukflow.evaluate import load_model
+    from leukflow.folds import label_rois
+
+    models = out / "evaluate" / "demo" / "resnet18" / "models"
+    names = sorted(p.name for p in models.iterdir())
+    assert names == sorted(
+        f"{c}_fold_{k}.skops" for c in ("knn", "random_forest") for k in range(3)
+    )
+    store = open_embeddings(out / "embeddings" / "demo" / "resnet18.zarr")
+    ids = pd.read_parquet(out / "embeddings" / "demo" / "resnet18_rois.parquet")
+    rois = label_rois(ids, pd.read_csv(out / "folds.csv"))
+    preds = pd.read_parquet(out / "evaluate" / "demo" / "resnet18" / "roi_predictions.parquet")
+    fold = 1
+    test = (rois["fold"] == fold).to_numpy()
+    knn = load_model(models / f"knn_fold_{fold}.skops")
+    saved = preds[(preds["classifier"] == "knn") & (preds["fold"] == fold)].set_index("roi_id")
+    again = knn.predict_proba(store[f"fold_{fold}"][:][test])[:, list(knn.classes_).index("ALL")]
+    np.testing.assert_allclose(again, saved.loc[rois.loc[test, "roi_id"], "score"])
 
 
 @pytest.mark.e2e
@@ -158,8 +210,8 @@ def test_e2e_every_rule_logged_and_benchmarked_and_rerun_does_nothing(e2e_run):
     work, out = e2e_run
     logs = list((out / "logs").rglob("*.log"))
     benches = list((out / "benchmarks").rglob("*.tsv"))
-    # ingest, segment, gather, folds, 3 x train, embed, fit, summarise
-    assert len(logs) == len(benches) == 10
+    # ingest, segment, gather, QA, folds, 3 x train, embed, fit, summarise
+    assert len(logs) == len(benches) == 11
     assert all("leukflow 0.1.0" in p.read_text() for p in logs)
     rerun = snakemake(work, "--configfile", "my.yaml", "-n")
     assert rerun.returncode == 0

@@ -28,14 +28,28 @@ def _metrics(args: argparse.Namespace) -> int:
     import pandas as pd
 
     path = f"{args.results_dir}/metrics.csv"
-    metrics = pd.read_csv(path)
+    metrics = pd.read_csv(path, dtype={"fold": str})
     keys = ["dataset", "encoder", "classifier", "level"]
     cols = ["accuracy", "sensitivity", "specificity", "f1", "roc_auc"]
     mean = metrics[metrics["fold"] == "mean"].set_index(keys)[cols]
     std = metrics[metrics["fold"] == "std"].set_index(keys)[cols]
     table = mean.map("{:.3f}".format) + " ± " + std.map("{:.3f}".format)
+    pooled = metrics[(metrics["fold"] == "pooled") & metrics["metric"].isin(cols)]
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(f"{path}: mean ± std over folds\n{table.to_string()}")  # noqa: T201
+        if len(pooled):
+            value = pooled.apply(lambda r: r[r["metric"]], axis=1)
+            ci = (
+                value.map("{:.3f}".format)
+                + " ["
+                + pooled["ci_low"].map("{:.3f}".format)
+                + ", "
+                + pooled["ci_high"].map("{:.3f}".format)
+                + "]"
+            )
+            wide = pooled.assign(ci=ci).pivot(index=keys, columns="metric", values="ci")
+            print(f"\npooled out-of-fold predictions [bootstrap CI, patient groups resampled]\n"  # noqa: T201
+                  f"{wide[[c for c in cols if c in wide]].to_string()}")  # fmt: skip
     return 0
 
 

@@ -3,38 +3,95 @@
 Fold ``f``'s classifier is fitted on the training ROIs of fold ``f`` embedded
 by fold ``f``'s encoder (trained on those same ROIs), and scored on that
 fold's test ROIs; nothing it sees comes from the test patients.
+
+Metrics come three ways: per test fold (with mean and std over the folds);
+on the pooled out-of-fold predictions with a bootstrap confidence interval
+that resamples whole patient groups, since ROIs and fields of one patient
+are not independent; and per class (precision, recall, F1, macro and
+weighted averages) for datasets with several labels.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import skops.io
+from scipy.sparse import csr_matrix
 from sklearn.calibration import CalibratedClassifierCV
+from sklearn.decomposition import PCA
 from sklearn.ensemble import RandomForestClassifier
-from sklearn.metrics import confusion_matrix, roc_auc_score
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import (
+    average_precision_score,
+    confusion_matrix,
+    precision_recall_fscore_support,
+    roc_auc_score,
+)
 from sklearn.neighbors import KNeighborsClassifier
-from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
-from sklearn.svm import SVC
+from sklearn.svm import SVC, LinearSVC
+
+from leukflow.folds import check_no_leakage
+from leukflow.io import InvalidInputError, atomic_path
 
 log = logging.getLogger(__name__)
 
-METRICS = ["accuracy", "precision", "sensitivity", "specificity", "f1", "roc_auc"]
+#: Binary metrics (positive label vs the rest), in the column order of metrics.csv.
+#: Brier score: lower is better; every other metric: higher is better.
+METRICS = [
+    "accuracy",
+    "precision",
+    "sensitivity",
+    "specificity",
+    "f1",
+    "roc_auc",
+    "balanced_accuracy",
+    "pr_auc",
+    "brier",
+]
 COUNTS = ["tn", "fp", "fn", "tp", "n"]
+#: Columns of the ``pooled`` rows: the metric named, and its bootstrap interval.
+CI_COLUMNS = ["metric", "ci_low", "ci_high"]
+CLASSIFIERS = ("random_forest", "knn", "svm_rbf", "svm_linear", "logistic_regression")
+AGGREGATIONS = ("vote", "mean_probability", "any_positive")
+#: Inner folds of the Platt scaling of the SVMs (inside each training part).
+CALIBRATION_FOLDS = 5
+#: Per-class probability columns of the ROI predictions: ``proba_<label>``.
+PROBA_PREFIX = "proba_"
+#: ``pred_class`` of an image in which no white cell was found.
+NO_ROI = "no_roi"
+
+
+# ----------------------------------------------------------------- classifiers
 
 
 def make_classifier(name: str, params: Mapping) -> Pipeline:
-    """Build a scikit-learn pipeline (standardisation + model) for a configured classifier.
+    """Build a scikit-learn pipeline (standardisation, optional PCA, model).
 
     Parameters
     ----------
     name : str
-        ``random_forest``, ``knn`` or ``svm_rbf``.
+        One of :data:`CLASSIFIERS`: ``random_forest``, ``knn``, ``svm_rbf``,
+        ``svm_linear`` (linear SVM, meant for HOG features) or
+        ``logistic_regression``.
     params : mapping
-        The classifier's config entry (see the schema).
+        The classifier's config entry (see the schema). ``pca_components``
+        (absent or None: no PCA step) projects the standardised features on
+        that many principal components before the model.
+
+    Returns
+    -------
+    sklearn.pipeline.Pipeline
+        Steps ``scale``, ``pca`` (only with ``pca_components``), ``model``.
+        Both SVMs give probabilities by Platt scaling on
+        :data:`CALIBRATION_FOLDS` inner folds of the training part.
     """
     if name == "random_forest":
         model = RandomForestClassifier(
@@ -43,11 +100,51 @@ def make_classifier(name: str, params: Mapping) -> Pipeline:
     elif name == "knn":
         model = KNeighborsClassifier(n_neighbors=params["n_neighbors"])
     elif name == "svm_rbf":
-        # Platt-scaled probabilities from an internal 5-fold split of the training part
-        model = CalibratedClassifierCV(SVC(kernel="rbf", C=params["C"]), ensemble=False)
+        model = CalibratedClassifierCV(
+            SVC(kernel="rbf", C=params["C"]), cv=CALIBRATION_FOLDS, ensemble=False
+        )
+    elif name == "svm_linear":
+        model = CalibratedClassifierCV(
+            LinearSVC(C=params["C"], max_iter=params["max_iter"]),
+            cv=CALIBRATION_FOLDS,
+            ensemble=False,
+        )
+    elif name == "logistic_regression":
+        model = LogisticRegression(C=params["C"], max_iter=params["max_iter"])
     else:
-        raise ValueError(f"make_classifier: unknown classifier {name!r}")
-    return make_pipeline(StandardScaler(), model)
+        raise ValueError(
+            f"make_classifier: unknown classifier {name!r}; expected one of {CLASSIFIERS}"
+        )
+    steps = [("scale", StandardScaler())]
+    pca = params.get("pca_components")  # optional: a plain mapping may leave it out
+    if pca is not None:
+        steps.append(("pca", PCA(n_components=int(pca), random_state=0)))
+    return Pipeline([*steps, ("model", model)])
+
+
+def _fit(pipe: Pipeline, x: np.ndarray, y: np.ndarray, where: str) -> Pipeline:
+    """Fit ``pipe``, shrinking PCA and leaving out classes Platt scaling cannot split."""
+    if "pca" in pipe.named_steps:
+        most = min(x.shape)
+        if pipe.named_steps["pca"].n_components > most:
+            log.warning(
+                "%s: pca_components lowered to %d (training part is %s)", where, most, x.shape
+            )
+            pipe.set_params(pca__n_components=most)
+    if isinstance(pipe.named_steps["model"], CalibratedClassifierCV):
+        labels, counts = np.unique(y, return_counts=True)
+        rare = labels[counts < CALIBRATION_FOLDS]
+        if len(rare) and len(rare) < len(labels) - 1:
+            log.warning(
+                "%s: labels %s have fewer than %d training ROIs, too few for the SVM's inner "
+                "Platt-scaling folds; left out of this fold's training part (never predicted)",
+                where,
+                list(rare),
+                CALIBRATION_FOLDS,
+            )
+            keep = ~np.isin(y, rare)
+            x, y = x[keep], y[keep]
+    return pipe.fit(x, y)
 
 
 def fit_predict_folds(
@@ -56,7 +153,8 @@ def fit_predict_folds(
     *,
     classifiers: Mapping[str, Mapping],
     positive_label: str,
-) -> pd.DataFrame:
+    return_models: bool = False,
+) -> pd.DataFrame | tuple[pd.DataFrame, dict[tuple[str, int], Pipeline]]:
     """Fit every classifier on each fold's training ROIs and predict its test ROIs.
 
     Parameters
@@ -70,13 +168,22 @@ def fit_predict_folds(
         Classifier name -> parameters (see :func:`make_classifier`).
     positive_label : str
         The class whose probability is reported as ``score``.
+    return_models : bool
+        Also return the fitted pipelines. A fold without test ROIs then still
+        gets a fitted model (on all its training ROIs); otherwise it is skipped.
 
     Returns
     -------
-    pandas.DataFrame
-        ``classifier, fold, roi_id, image_id, label, pred, score`` for every test ROI.
+    predictions : pandas.DataFrame
+        ``classifier, fold, roi_id, image_id, label, pred, score`` and one
+        ``proba_<label>`` column per label of ``rois`` (0 for a label absent
+        from the fold's training part) for every test ROI.
+    models : dict of (str, int) to Pipeline
+        Only with ``return_models``: (classifier, fold) -> fitted pipeline.
     """
-    out = []
+    labels = sorted(map(str, rois["label"].unique()))
+    proba_cols = [PROBA_PREFIX + str(label) for label in labels]
+    out, models = [], {}
     for fold, emb in sorted(embeddings.items()):
         if len(emb) != len(rois):
             raise ValueError(
@@ -84,20 +191,62 @@ def fit_predict_folds(
             )
         train = (rois["fold"] != fold).to_numpy()
         test = ~train
-        if not test.any():
+        if not test.any() and not return_models:
             continue
+        y_train = rois.loc[train, "label"].to_numpy()
         for name, params in classifiers.items():
-            clf = make_classifier(name, params).fit(emb[train], rois.loc[train, "label"])
-            classes = list(clf.classes_)
+            clf = _fit(make_classifier(name, params), emb[train], y_train, f"{name} fold {fold}")
+            models[(name, fold)] = clf
+            if not test.any():
+                continue
+            classes = [str(c) for c in clf.classes_]
             proba = clf.predict_proba(emb[test])
+            full = np.zeros((int(test.sum()), len(labels)))
+            for j, c in enumerate(classes):
+                full[:, labels.index(c)] = proba[:, j]
             score = proba[:, classes.index(positive_label)] if positive_label in classes else 0.0
             out.append(
-                rois.loc[test, ["roi_id", "image_id", "label"]].assign(
-                    classifier=name, fold=fold, pred=clf.predict(emb[test]), score=score
-                )
+                rois.loc[test, ["roi_id", "image_id", "label"]]
+                .assign(classifier=name, fold=fold, pred=clf.predict(emb[test]), score=score)
+                .reset_index(drop=True)
+                .join(pd.DataFrame(full, columns=proba_cols))
             )
-    cols = ["classifier", "fold", "roi_id", "image_id", "label", "pred", "score"]
-    return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
+    cols = ["classifier", "fold", "roi_id", "image_id", "label", "pred", "score", *proba_cols]
+    preds = pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
+    return (preds, models) if return_models else preds
+
+
+# ---------------------------------------------------------------- model files
+
+
+def save_model(model: Pipeline, path: str | Path) -> None:
+    """Write a fitted pipeline in the skops format (no pickle), atomically."""
+    with atomic_path(path) as tmp:
+        skops.io.dump(model, tmp)
+
+
+def load_model(path: str | Path) -> Pipeline:
+    """Read a pipeline written by :func:`save_model`.
+
+    Only scikit-learn types are trusted; a file that needs any other type
+    (which could run code when loaded) is refused.
+
+    Raises
+    ------
+    InvalidInputError
+        ``untrusted_model`` when the file holds a type outside scikit-learn.
+    """
+    untrusted = skops.io.get_untrusted_types(file=path)
+    foreign = [t for t in untrusted if not t.startswith("sklearn.")]
+    if foreign:
+        raise InvalidInputError(
+            "untrusted_model",
+            f"{path}: holds types outside scikit-learn, refused: {', '.join(foreign)}",
+        )
+    return skops.io.load(path, trusted=untrusted)
+
+
+# ------------------------------------------------------------- image level
 
 
 def aggregate_images(
@@ -106,6 +255,7 @@ def aggregate_images(
     *,
     positive_label: str,
     method: str = "vote",
+    threshold: float = 0.5,
 ) -> pd.DataFrame:
     """Turn ROI predictions into one call per image.
 
@@ -123,68 +273,109 @@ def aggregate_images(
     method : str
         ``vote``: positive when at least half of the ROIs are predicted
         positive, score = that share; ``mean_probability``: score = mean ROI
-        score, positive when >= 0.5.
+        score, positive when >= 0.5; ``any_positive``: score = highest ROI
+        score, positive when >= ``threshold`` (one blast makes the smear).
+    threshold : float
+        The ``any_positive`` threshold.
 
     Returns
     -------
     pandas.DataFrame
-        ``classifier, fold, image_id, label, pred, score, n_rois``.
+        ``classifier, fold, image_id, label, pred, score, n_rois, pred_class``.
+        ``pred`` is the binary call; ``pred_class`` the multi-class call: the
+        most frequent ROI prediction (``vote``; ties go to the higher mean
+        probability) or the label of highest mean ROI probability (the other
+        methods), :data:`NO_ROI` for an image without ROIs.
     """
-    if method not in ("vote", "mean_probability"):
+    if method not in AGGREGATIONS:
         raise ValueError(
-            f"aggregate_images: method must be vote or mean_probability; got {method!r}"
+            f"aggregate_images: method must be one of {', '.join(AGGREGATIONS)}; got {method!r}"
         )
     others = sorted(set(images["label"]) - {positive_label})
     negative = others[0] if len(others) == 1 else "not_" + positive_label
+    proba_cols = [c for c in roi_predictions.columns if c.startswith(PROBA_PREFIX)]
     rows = []
     for clf, preds in roi_predictions.groupby("classifier", sort=False):
         per_image = preds.groupby("image_id").agg(
             vote=("pred", lambda p: float(np.mean(p == positive_label))),
             mean_probability=("score", "mean"),
+            any_positive=("score", "max"),
             n_rois=("roi_id", "size"),
         )
+        per_image["pred_class"] = _class_calls(preds, proba_cols, method)
         merged = images[["image_id", "label", "fold"]].merge(
             per_image, left_on="image_id", right_index=True, how="left"
         )
         score = merged[method].fillna(0.0)
+        cut = threshold if method == "any_positive" else 0.5
         rows.append(
             merged[["image_id", "label", "fold"]].assign(
                 classifier=clf,
-                pred=np.where(score >= 0.5, positive_label, negative),
+                pred=np.where(score >= cut, positive_label, negative),
                 score=score,
                 n_rois=merged["n_rois"].fillna(0).astype(int),
+                pred_class=merged["pred_class"].fillna(NO_ROI).astype(str),
             )
         )
-    cols = ["classifier", "fold", "image_id", "label", "pred", "score", "n_rois"]
+    cols = ["classifier", "fold", "image_id", "label", "pred", "score", "n_rois", "pred_class"]
     return pd.concat(rows, ignore_index=True)[cols] if rows else pd.DataFrame(columns=cols)
+
+
+def _class_calls(preds: pd.DataFrame, proba_cols: list[str], method: str) -> pd.Series:
+    """Multi-class call per image from its ROIs (see :func:`aggregate_images`)."""
+    votes = pd.crosstab(preds["image_id"], preds["pred"]).astype(float)
+    if not proba_cols:
+        return votes.idxmax(axis=1)
+    mean = preds.groupby("image_id")[proba_cols].mean()
+    mean.columns = [c.removeprefix(PROBA_PREFIX) for c in proba_cols]
+    if method != "vote":
+        return mean.idxmax(axis=1)
+    # a tie in votes goes to the label of higher mean probability (< 1 vote)
+    return votes.add(mean.reindex(columns=votes.columns, fill_value=0.0) * 1e-3).idxmax(axis=1)
+
+
+# ------------------------------------------------------------ binary metrics
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
 
 
 def binary_metrics(
     labels: pd.Series, preds: pd.Series, scores: pd.Series, *, positive_label: str
 ) -> dict[str, float]:
-    """Accuracy, precision, sensitivity, specificity, F1, ROC-AUC and the confusion counts.
+    """Compute the :data:`METRICS` and :data:`COUNTS` of one set of predictions.
 
-    Every label other than ``positive_label`` counts as negative. A ratio with
-    a zero denominator, and ROC-AUC on a single class, are NaN.
+    Every label other than ``positive_label`` counts as negative. Balanced
+    accuracy is the mean of sensitivity and specificity (the one defined when
+    only one class is present, as scikit-learn does); PR-AUC is the average
+    precision (the step-wise area under the precision-recall curve); Brier is
+    the mean squared difference between ``scores`` and the 0/1 truth. A ratio
+    with a zero denominator, and ROC-AUC and PR-AUC on a single class, are NaN.
     """
     y = np.asarray(labels) == positive_label
     p = np.asarray(preds) == positive_label
+    s = np.asarray(scores, dtype=float)
     tn, fp, fn, tp = confusion_matrix(y, p, labels=[False, True]).ravel().tolist()
-
-    def ratio(a: float, b: float) -> float:
-        return a / b if b else float("nan")
-
-    precision, sensitivity = ratio(tp, tp + fp), ratio(tp, tp + fn)
-    auc = roc_auc_score(y, np.asarray(scores)) if 0 < y.sum() < len(y) else float("nan")
+    sensitivity, specificity = _ratio(tp, tp + fn), _ratio(tn, tn + fp)
+    both = 0 < y.sum() < len(y)
+    defined = [v for v in (sensitivity, specificity) if not np.isnan(v)]
     return {
-        "accuracy": ratio(tp + tn, len(y)),
-        "precision": precision,
+        "accuracy": _ratio(tp + tn, len(y)),
+        "precision": _ratio(tp, tp + fp),
         "sensitivity": sensitivity,
-        "specificity": ratio(tn, tn + fp),
-        "f1": ratio(2 * tp, 2 * tp + fp + fn),
-        "roc_auc": float(auc),
-        "tn": tn, "fp": fp, "fn": fn, "tp": tp, "n": len(y),
-    }  # fmt: skip
+        "specificity": specificity,
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "roc_auc": float(roc_auc_score(y, s)) if both else float("nan"),
+        "balanced_accuracy": float(np.mean(defined)) if defined else float("nan"),
+        "pr_auc": float(average_precision_score(y, s)) if both else float("nan"),
+        "brier": float(np.mean((s - y) ** 2)) if len(y) else float("nan"),
+        "tn": tn,
+        "fp": fp,
+        "fn": fn,
+        "tp": tp,
+        "n": len(y),
+    }
 
 
 def score_folds(predictions: pd.DataFrame, *, positive_label: str) -> pd.DataFrame:
@@ -209,3 +400,412 @@ def score_folds(predictions: pd.DataFrame, *, positive_label: str) -> pd.DataFra
         summary.append({"classifier": clf, "fold": "mean", **part[METRICS].mean().to_dict()})
         summary.append({"classifier": clf, "fold": "std", **part[METRICS].std(ddof=1).to_dict()})
     return pd.concat([per_fold, pd.DataFrame(summary)], ignore_index=True)
+
+
+# ----------------------------------------------------------------- bootstrap
+
+
+def bootstrap_metrics(
+    labels: pd.Series | np.ndarray,
+    preds: pd.Series | np.ndarray,
+    scores: pd.Series | np.ndarray,
+    groups: pd.Series | np.ndarray,
+    *,
+    positive_label: str,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    block: int = 200,
+) -> pd.DataFrame:
+    """Point estimates of :data:`METRICS` with percentile bootstrap intervals over groups.
+
+    Each bootstrap sample draws ``n_groups`` groups with replacement and keeps
+    all rows of every drawn group (a cluster bootstrap): rows of one patient
+    move together, so the interval reflects how many independent patients
+    there are, not how many ROIs. The resampling is vectorised: per-group
+    confusion counts, squared errors and per-score positive/negative counts
+    are multiplied by a ``(block, n_groups)`` matrix of draw counts.
+
+    Parameters
+    ----------
+    labels, preds : array-like of str
+        Truth and call per row (ROI or image).
+    scores : array-like of float
+        Probability of ``positive_label`` per row.
+    groups : array-like
+        The resampling unit per row (patient group).
+    positive_label : str
+        The positive class.
+    n_boot : int
+        Bootstrap samples (>= 1).
+    seed : int
+        Seed of the draws; the same seed gives the same interval.
+    level : float
+        Coverage of the interval, in (0, 1).
+    block : int
+        Samples computed at once (memory: ``block * n_unique_scores`` floats).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``metric, estimate, ci_low, ci_high``, one row per :data:`METRICS`.
+        Samples in which a metric is undefined (no positive drawn...) are
+        left out of its interval; NaN when none defines it.
+    """
+    if n_boot < 1:
+        raise ValueError(f"bootstrap_metrics: n_boot must be >= 1; got {n_boot}")
+    if not 0 < level < 1:
+        raise ValueError(f"bootstrap_metrics: level must be in (0, 1); got {level}")
+    labels, preds, scores = np.asarray(labels), np.asarray(preds), np.asarray(scores, float)
+    point = binary_metrics(labels, preds, scores, positive_label=positive_label)
+    g, _ = pd.factorize(np.asarray(groups))
+    n_groups = int(g.max()) + 1 if len(g) else 0
+    if n_groups == 0:
+        return pd.DataFrame(
+            {
+                "metric": METRICS,
+                "estimate": [point[m] for m in METRICS],
+                "ci_low": np.nan,
+                "ci_high": np.nan,
+            }
+        )
+    y = labels == positive_label
+    p = preds == positive_label
+
+    def per_group(x: np.ndarray) -> np.ndarray:
+        return np.bincount(g, weights=x.astype(float), minlength=n_groups)
+
+    counts = np.stack(
+        [
+            per_group(~y & ~p),
+            per_group(~y & p),
+            per_group(y & ~p),
+            per_group(y & p),
+            per_group(np.ones_like(y)),
+            per_group((scores - y) ** 2),
+        ]
+    )
+    # Positives and negatives per (group, distinct score), scores ascending.
+    _, u = np.unique(scores, return_inverse=True)
+    n_u = int(u.max()) + 1
+    pos = csr_matrix((np.ones(y.sum()), (g[y], u[y])), shape=(n_groups, n_u))
+    neg = csr_matrix((np.ones((~y).sum()), (g[~y], u[~y])), shape=(n_groups, n_u))
+    rng = np.random.default_rng(seed)
+    samples = []
+    for start in range(0, n_boot, block):
+        size = min(block, n_boot - start)
+        draws = rng.multinomial(n_groups, np.full(n_groups, 1 / n_groups), size=size)
+        w = draws.astype(float)
+        samples.append(_weighted_metrics(w @ counts.T, (pos.T @ w.T).T, (neg.T @ w.T).T))
+    values = np.concatenate(samples)  # (n_boot, len(METRICS))
+    tail = (1 - level) / 2 * 100
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN metric: NaN interval
+        low, high = np.nanpercentile(values, [tail, 100 - tail], axis=0)
+    return pd.DataFrame(
+        {
+            "metric": METRICS,
+            "estimate": [point[m] for m in METRICS],
+            "ci_low": low,
+            "ci_high": high,
+        }
+    )
+
+
+def _weighted_metrics(counts: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    """:data:`METRICS` per bootstrap sample from weighted counts.
+
+    ``counts``: ``(b, 6)`` tn, fp, fn, tp, n, squared-error sums; ``pos``,
+    ``neg``: ``(b, n_scores)`` positives and negatives at each distinct score,
+    scores ascending. Returns ``(b, len(METRICS))``.
+    """
+    tn, fp, fn, tp, n, sq = counts.T
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sensitivity, specificity = tp / (tp + fn), tn / (tn + fp)
+        balanced = np.where(
+            np.isnan(sensitivity),
+            specificity,
+            np.where(np.isnan(specificity), sensitivity, (sensitivity + specificity) / 2),
+        )
+        n_pos, n_neg = pos.sum(1), neg.sum(1)
+        below = np.cumsum(neg, axis=1) - neg  # negatives scored lower; ties count half
+        auc = (pos * (below + neg / 2)).sum(1) / (n_pos * n_neg)
+        # average precision: precision at each distinct score, from the top down
+        hits, false = np.cumsum(pos[:, ::-1], axis=1), np.cumsum(neg[:, ::-1], axis=1)
+        precision_at = np.divide(
+            hits, hits + false, out=np.zeros_like(hits), where=hits + false > 0
+        )
+        ap = (pos[:, ::-1] * precision_at).sum(1) / n_pos
+        both = (n_pos > 0) & (n_neg > 0)
+        columns = {
+            "accuracy": (tp + tn) / n,
+            "precision": tp / (tp + fp),
+            "sensitivity": sensitivity,
+            "specificity": specificity,
+            "f1": 2 * tp / (2 * tp + fp + fn),
+            "roc_auc": np.where(both, auc, np.nan),
+            "balanced_accuracy": balanced,
+            "pr_auc": np.where(both, ap, np.nan),
+            "brier": sq / n,
+        }
+    return np.column_stack([columns[m] for m in METRICS])
+
+
+def score_pooled(
+    predictions: pd.DataFrame,
+    groups: pd.Series,
+    *,
+    positive_label: str,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> pd.DataFrame:
+    """Rows ``fold == "pooled"``: metrics of all out-of-fold predictions, with bootstrap CIs.
+
+    Parameters
+    ----------
+    predictions : pandas.DataFrame
+        ROI or image predictions (``classifier, image_id, label, pred, score``).
+    groups : pandas.Series
+        Image id -> resampling group (patient group from folds.csv).
+    positive_label, n_boot, seed, level
+        See :func:`bootstrap_metrics`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Per classifier, one row per metric: ``classifier, fold`` (``pooled``),
+        the metric's point estimate in its own column (other metrics empty),
+        :data:`COUNTS` of the pooled predictions, ``metric, ci_low, ci_high``.
+    """
+    rows = []
+    for clf, part in predictions.groupby("classifier", sort=True):
+        group = part["image_id"].map(groups)
+        if group.isna().any():
+            raise ValueError(
+                f"score_pooled: image {part.loc[group.isna(), 'image_id'].iloc[0]!r} has no group"
+            )
+        counts = binary_metrics(
+            part["label"], part["pred"], part["score"], positive_label=positive_label
+        )
+        ci = bootstrap_metrics(
+            part["label"],
+            part["pred"],
+            part["score"],
+            group,
+            positive_label=positive_label,
+            n_boot=n_boot,
+            seed=seed,
+            level=level,
+        )
+        for row in ci.itertuples():
+            rows.append(
+                {
+                    "classifier": clf,
+                    "fold": "pooled",
+                    row.metric: row.estimate,
+                    **{c: counts[c] for c in COUNTS},
+                    "metric": row.metric,
+                    "ci_low": row.ci_low,
+                    "ci_high": row.ci_high,
+                }
+            )
+    return pd.DataFrame(rows, columns=["classifier", "fold", *METRICS, *COUNTS, *CI_COLUMNS])
+
+
+# ------------------------------------------------------------ per-class metrics
+
+
+def per_class_metrics(
+    labels: pd.Series | np.ndarray,
+    preds: pd.Series | np.ndarray,
+    classes: list[str] | None = None,
+) -> pd.DataFrame:
+    """Precision, recall, F1 and support per class, with macro and weighted averages.
+
+    Parameters
+    ----------
+    labels, preds : array-like of str
+        Truth and multi-class call per row. A call that is no class (e.g.
+        :data:`NO_ROI`) is wrong for every class.
+    classes : list of str, optional
+        The classes to report (default: the labels present), in this order.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``class, precision, recall, f1, support``: one row per class, then
+        ``macro`` (unweighted mean over classes) and ``weighted`` (mean
+        weighted by support). A ratio with a zero denominator is NaN and is
+        left out of the averages (a class with no test member in a fold).
+    """
+    labels, preds = np.asarray(labels).astype(str), np.asarray(preds).astype(str)
+    classes = sorted(set(labels)) if classes is None else list(classes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # undefined ratios are NaN by design
+        prec, rec, f1, support = precision_recall_fscore_support(
+            labels, preds, labels=classes, zero_division=np.nan
+        )
+        rows = [
+            {
+                "class": c,
+                "precision": prec[i],
+                "recall": rec[i],
+                "f1": f1[i],
+                "support": int(support[i]),
+            }
+            for i, c in enumerate(classes)
+        ]
+        for average in ("macro", "weighted"):
+            a_prec, a_rec, a_f1, _ = precision_recall_fscore_support(
+                labels, preds, labels=classes, average=average, zero_division=np.nan
+            )
+            rows.append(
+                {
+                    "class": average,
+                    "precision": a_prec,
+                    "recall": a_rec,
+                    "f1": a_f1,
+                    "support": int(support.sum()),
+                }
+            )
+    return pd.DataFrame(rows, columns=["class", "precision", "recall", "f1", "support"])
+
+
+def score_folds_per_class(
+    predictions: pd.DataFrame, *, pred: str = "pred", classes: list[str] | None = None
+) -> pd.DataFrame:
+    """:func:`per_class_metrics` per classifier and fold, and on the pooled predictions.
+
+    Parameters
+    ----------
+    predictions : pandas.DataFrame
+        ``classifier, fold, label`` and the call column ``pred``.
+    pred : str
+        ``pred`` for ROI predictions, ``pred_class`` for image predictions.
+    classes : list of str, optional
+        Classes to report in every fold (default: all labels in ``predictions``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``classifier, fold`` (an int as text, or ``pooled``), ``class,
+        precision, recall, f1, support``.
+    """
+    classes = sorted(predictions["label"].astype(str).unique()) if classes is None else classes
+    parts = []
+    for clf, by_clf in predictions.groupby("classifier", sort=True):
+        for fold, part in by_clf.groupby("fold", sort=True):
+            table = per_class_metrics(part["label"], part[pred], classes)
+            parts.append(table.assign(classifier=clf, fold=str(fold)))
+        table = per_class_metrics(by_clf["label"], by_clf[pred], classes)
+        parts.append(table.assign(classifier=clf, fold="pooled"))
+    cols = ["classifier", "fold", "class", "precision", "recall", "f1", "support"]
+    return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
+
+
+# --------------------------------------------------------------- one dataset
+
+
+@dataclass
+class Evaluation:
+    """Everything :func:`evaluate_embeddings` produces for one dataset and encoder."""
+
+    roi_predictions: pd.DataFrame
+    image_predictions: pd.DataFrame
+    metrics: pd.DataFrame
+    metrics_per_class: pd.DataFrame
+    models: dict[tuple[str, int], Pipeline] = field(default_factory=dict)
+
+
+def evaluate_embeddings(
+    embeddings: Mapping[int, np.ndarray],
+    rois: pd.DataFrame,
+    folds: pd.DataFrame,
+    *,
+    classifiers: Mapping[str, Mapping],
+    positive_label: str,
+    image_aggregation: str = "vote",
+    any_positive_threshold: float = 0.5,
+    n_boot: int = 1000,
+    bootstrap_seed: int = 0,
+    ci_level: float = 0.95,
+) -> Evaluation:
+    """Fit, predict and score every classifier on one dataset's fold embeddings.
+
+    Checks the folds for leakage before any fit (a grouped split with a
+    patient or group on both sides raises :class:`leukflow.folds.LeakageError`).
+
+    Parameters
+    ----------
+    embeddings : mapping of int to numpy.ndarray
+        See :func:`fit_predict_folds`.
+    rois : pandas.DataFrame
+        ``roi_id, image_id, label, fold`` (see :func:`leukflow.folds.label_rois`).
+    folds : pandas.DataFrame
+        The dataset's rows of folds.csv: ``image_id, patient, group, label,
+        fold, leaky``.
+    classifiers, positive_label
+        See :func:`fit_predict_folds`.
+    image_aggregation, any_positive_threshold
+        ``method`` and ``threshold`` of :func:`aggregate_images`.
+    n_boot, bootstrap_seed, ci_level
+        See :func:`bootstrap_metrics`.
+
+    Returns
+    -------
+    Evaluation
+        Predictions and metric tables, each with a ``leaky`` column (True when
+        the folds came from the random protocol), and the fitted models.
+        ``metrics`` has ``classifier, level, fold`` (per fold, ``mean``,
+        ``std``, ``pooled``), :data:`METRICS`, :data:`COUNTS`,
+        :data:`CI_COLUMNS`; ``metrics_per_class`` has ``classifier, level,
+        fold, class, precision, recall, f1, support``.
+    """
+    check_no_leakage(folds, "patient")
+    check_no_leakage(folds, "group")
+    leaky = bool(folds["leaky"].any())
+    roi_preds, models = fit_predict_folds(
+        embeddings,
+        rois,
+        classifiers=classifiers,
+        positive_label=positive_label,
+        return_models=True,
+    )
+    image_preds = aggregate_images(
+        roi_preds,
+        folds,
+        positive_label=positive_label,
+        method=image_aggregation,
+        threshold=any_positive_threshold,
+    )
+    groups = folds.set_index("image_id")["group"]
+    classes = sorted(folds["label"].astype(str).unique())
+    metrics, per_class = [], []
+    for level, preds, call in (("roi", roi_preds, "pred"), ("image", image_preds, "pred_class")):
+        metrics.append(score_folds(preds, positive_label=positive_label).assign(level=level))
+        metrics.append(
+            score_pooled(
+                preds,
+                groups,
+                positive_label=positive_label,
+                n_boot=n_boot,
+                seed=bootstrap_seed,
+                level=ci_level,
+            ).assign(level=level)
+        )
+        per_class.append(
+            score_folds_per_class(preds, pred=call, classes=classes).assign(level=level)
+        )
+    first = ["classifier", "level", "fold", "leaky"]
+    table = pd.concat(metrics, ignore_index=True).assign(leaky=leaky)
+    table = table[[*first, *METRICS, *COUNTS, *CI_COLUMNS]]
+    per_class_table = pd.concat(per_class, ignore_index=True).assign(leaky=leaky)
+    per_class_table = per_class_table[[*first, "class", "precision", "recall", "f1", "support"]]
+    return Evaluation(
+        roi_predictions=roi_preds.assign(leaky=leaky),
+        image_predictions=image_preds.assign(leaky=leaky),
+        metrics=table,
+        metrics_per_class=per_class_table,
+        models=models,
+    )

@@ -1,7 +1,10 @@
 """Folds: patient-grouped, label-stratified cross-validation splits.
 
-All fields (and so all ROIs) of one patient share one fold, so no fold's test
-part holds a patient that its training part has seen.
+Under the ``grouped`` protocol all fields (and so all ROIs) of one patient,
+and of every patient sharing a duplicate image with it, share one fold, so no
+fold's test part holds a patient that its training part has seen. The
+``random`` protocol reproduces the published seeds' image-level split and
+marks every row ``leaky``.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import numpy as np
 import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
-from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 log = logging.getLogger(__name__)
 
@@ -57,64 +60,160 @@ def group_patients(manifest: pd.DataFrame, duplicates: pd.DataFrame | None = Non
     return key.map(lambda name: first[component[index[name]]]).rename("group")
 
 
+PROTOCOLS = ("grouped", "random")
+#: The stratum that labels with fewer members than folds share (see :func:`fold_strata`).
+RARE_STRATUM = "__rare__"
+
+
+def fold_strata(labels: pd.Series, members: pd.Series, *, k: int, dataset: str = "") -> pd.Series:
+    """Stratification labels: each label, with labels that have fewer members than folds pooled.
+
+    A label held by fewer than ``k`` members (patient groups, or images under
+    the random protocol) cannot be put in every fold. Such labels are
+    stratified together as one :data:`RARE_STRATUM`, so their members are
+    spread over the folds as evenly as the pooled stratum allows; when even
+    the pooled stratum has fewer than ``k`` members, the splitter places them
+    without a stratification guarantee. Either way some folds test no member
+    of the label, and the fold that tests a label's only member trains without
+    that label. The label itself is never changed; a warning is logged.
+
+    Parameters
+    ----------
+    labels : pandas.Series
+        Label of each image.
+    members : pandas.Series
+        What the splitter keeps together, per image (group, or image id).
+    k : int
+        Number of folds.
+    dataset : str
+        Named in the warning.
+
+    Returns
+    -------
+    pandas.Series
+        The stratum of each image, aligned with ``labels``.
+    """
+    counts = members.groupby(labels).nunique()
+    rare = counts[counts < k]
+    if rare.empty:
+        return labels.copy()
+    listing = ", ".join(f"{label!r} ({n})" for label, n in rare.items())
+    log.warning(
+        "assign_folds: dataset %r has labels with fewer members than k=%d folds: %s; they "
+        "are stratified together as one rare stratum (%d members): some folds test none of "
+        "them, and a fold that tests all of a label's members trains without that label",
+        dataset, k, listing, int(rare.sum()),
+    )  # fmt: skip
+    return labels.where(~labels.isin(rare.index), RARE_STRATUM)
+
+
 def assign_folds(
-    manifest: pd.DataFrame, *, k: int, seed: int, duplicates: pd.DataFrame | None = None
+    manifest: pd.DataFrame,
+    *,
+    k: int,
+    seed: int,
+    duplicates: pd.DataFrame | None = None,
+    protocol: str = "grouped",
 ) -> pd.DataFrame:
-    """Assign every image a test fold, per dataset, grouped by patient and duplicates.
+    """Assign every image a test fold, per dataset.
 
     Parameters
     ----------
     manifest : pandas.DataFrame
         Columns ``image_id``, ``dataset``, ``label``, ``patient``.
     k : int
-        Number of folds (>= 2); each dataset needs at least ``k`` patients.
+        Number of folds (>= 2); each dataset needs at least ``k`` patient
+        groups (``grouped``) or images (``random``).
     seed : int
-        Seed of the shuffle inside :class:`~sklearn.model_selection.StratifiedGroupKFold`.
+        Seed of the shuffle inside the splitter.
     duplicates : pandas.DataFrame, optional
         Duplicate image pairs; their patients are joined into one group so that
         no copy of a test image is trained on.
+    protocol : str
+        ``grouped``: :class:`~sklearn.model_selection.StratifiedGroupKFold` by
+        patient group, checked for leakage. ``random``: the published seeds'
+        leaky protocol, :class:`~sklearn.model_selection.StratifiedKFold` over
+        images, ignoring patients and duplicates; every row is marked ``leaky``.
+        Labels with fewer members than folds: see :func:`fold_strata`.
 
     Returns
     -------
     pandas.DataFrame
-        ``dataset, image_id, patient, group, label, fold`` (fold in ``0..k-1``).
+        ``dataset, image_id, patient, group, label, fold, leaky`` (fold in
+        ``0..k-1``; leaky True for the random protocol).
+
+    Raises
+    ------
+    LeakageError
+        When a grouped split puts a patient or a group on both sides.
     """
     if k < 2:
         raise ValueError(f"assign_folds: k must be >= 2; got {k}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"assign_folds: protocol must be one of {PROTOCOLS}; got {protocol!r}")
+    leaky = protocol == "random"
     manifest = manifest.assign(group=group_patients(manifest, duplicates))
     parts = []
     for dataset, images in manifest.groupby("dataset", sort=True):
-        n_groups = images["group"].nunique()
-        if n_groups < k:
+        unit, kind = ("image_id", "images") if leaky else ("group", "patient groups")
+        n_units = images[unit].nunique()
+        if n_units < k:
             raise ValueError(
-                f"assign_folds: dataset {dataset!r} has {n_groups} patient groups, fewer than "
+                f"assign_folds: dataset {dataset!r} has {n_units} {kind}, fewer than "
                 f"k={k} folds; lower folds.k or add patients"
             )
-        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        strata = fold_strata(images["label"], images[unit], k=k, dataset=str(dataset))
         fold = pd.Series(-1, index=images.index)
         with warnings.catch_warnings():
-            # sklearn warns when a class has fewer groups than folds; we log it instead.
+            # sklearn warns when a stratum has fewer members than folds; fold_strata logged it.
             warnings.simplefilter("ignore", UserWarning)
-            splits = splitter.split(images, images["label"], groups=images["group"])
+            if leaky:
+                splits = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(
+                    images, strata
+                )
+            else:
+                splits = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(
+                    images, strata, groups=images["group"]
+                )
             for i, (_, test) in enumerate(splits):
                 fold.iloc[test] = i
-        parts.append(images.assign(fold=fold.astype(int)))
+        parts.append(images.assign(fold=fold.astype(int), leaky=leaky))
         counts = parts[-1].groupby(["fold", "label"]).size().unstack(fill_value=0)
-        log.info("%s folds (images per label):\n%s", dataset, counts.to_string())
-    folds = pd.concat(parts)[["dataset", "image_id", "patient", "group", "label", "fold"]]
+        log.info(
+            "%s folds, %s protocol (images per label):\n%s", dataset, protocol, counts.to_string()
+        )
+    columns = ["dataset", "image_id", "patient", "group", "label", "fold", "leaky"]
+    folds = pd.concat(parts)[columns].reset_index(drop=True)
+    if leaky:
+        log.warning(
+            "assign_folds: protocol random splits images ignoring patients and duplicates; "
+            "results are marked leaky=True (the published seeds' protocol, not an honest "
+            "estimate)"
+        )
     check_no_leakage(folds, "patient")
     check_no_leakage(folds, "group")
-    return folds.reset_index(drop=True)
+    return folds
 
 
 def check_no_leakage(folds: pd.DataFrame, group: str = "patient") -> None:
     """Fail if any group of any dataset has images in more than one fold.
+
+    Rows marked ``leaky`` (the random protocol, leaky by design) are not checked.
+
+    Parameters
+    ----------
+    folds : pandas.DataFrame
+        ``dataset``, ``fold``, the ``group`` column and optionally ``leaky``.
+    group : str
+        The column that must not span folds.
 
     Raises
     ------
     LeakageError
         Naming the dataset, the groups and their folds.
     """
+    if "leaky" in folds:
+        folds = folds[~folds["leaky"].astype(bool)]
     spread = folds.groupby(["dataset", group])["fold"].nunique()
     leaked = spread[spread > 1]
     if len(leaked):

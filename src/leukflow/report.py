@@ -1,49 +1,270 @@
-"""Report: plots people look at rather than read."""
+"""Report: plots people look at rather than read.
+
+Every plot function takes the same arguments: ``levels`` (level name ->
+predictions of one classifier, pooled over the test folds: ``roi`` from
+:func:`leukflow.evaluate.fit_predict_folds`, ``image`` from
+:func:`leukflow.evaluate.aggregate_images`), a ``title``, the
+``positive_label`` and the PNG ``path``; :data:`PLOTTERS` maps each kind of
+plot to its function.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
-from sklearn.metrics import ConfusionMatrixDisplay
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import ConfusionMatrixDisplay, roc_auc_score, roc_curve
 
 from leukflow.io import atomic_path
 
 log = logging.getLogger(__name__)
 
 
+def _save(fig: plt.Figure, path: str | Path) -> None:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def _class_call(preds: pd.DataFrame) -> pd.Series:
+    """Return the multi-class call: ``pred_class`` of image predictions, ``pred`` of ROIs."""
+    return preds["pred_class"] if "pred_class" in preds else preds["pred"]
+
+
 def plot_confusion(
     levels: dict[str, pd.DataFrame], *, title: str, positive_label: str, path: str | Path
 ) -> None:
-    """One confusion matrix per level (ROI, image), pooled over all test folds.
+    """Confusion matrices per level (ROI, image), pooled over all test folds.
+
+    The first row is binary: ``positive_label`` against every other label,
+    shown as ``not_<positive>``. When the predictions hold more than two
+    labels, a second row shows the multi-class matrices (rows: truth, columns:
+    the multi-class call; an image without ROIs is called ``no_roi``).
 
     Parameters
     ----------
     levels : dict of str to pandas.DataFrame
-        Level name -> predictions with ``label`` and ``pred`` columns.
+        Level name -> predictions with ``label`` and ``pred`` columns (and
+        ``pred_class`` for image predictions).
     title : str
         Figure title (dataset, encoder, classifier).
     positive_label : str
-        Shown last on both axes; every other label is shown as ``not_<positive>``.
+        Shown last on both axes of the binary matrices.
     path : str or Path
         PNG to write.
     """
     negative = "not_" + positive_label
-    fig, axes = plt.subplots(1, len(levels), figsize=(4.2 * len(levels), 4), squeeze=False)
+    classes = sorted(set().union(*(set(p["label"].astype(str)) for p in levels.values())))
+    multi = len(classes) > 2
+    rows = 2 if multi else 1
+    side = max(5.0, 0.75 * len(classes) + 2.5) if multi else 5.0
+    fig, axes = plt.subplots(
+        rows, len(levels), figsize=(side * len(levels), 4 * rows), squeeze=False
+    )
     for ax, (level, preds) in zip(axes[0], levels.items(), strict=True):
         truth = preds["label"].where(preds["label"] == positive_label, negative)
         called = preds["pred"].where(preds["pred"] == positive_label, negative)
         ConfusionMatrixDisplay.from_predictions(
             truth, called, labels=[negative, positive_label], ax=ax, colorbar=False, cmap="Blues"
         )
-        ax.set_title(f"{level} level (n={len(preds)})")
+        ax.set_title(f"{level} level, {positive_label} vs rest (n={len(preds)})", fontsize=10)
+    if multi:
+        for ax, (level, preds) in zip(axes[1], levels.items(), strict=True):
+            calls = _class_call(preds).astype(str)
+            shown = classes + sorted(set(calls) - set(classes))
+            ConfusionMatrixDisplay.from_predictions(
+                preds["label"].astype(str),
+                calls,
+                labels=shown,
+                ax=ax,
+                colorbar=False,
+                cmap="Blues",
+                xticks_rotation=45,
+            )
+            ax.set_title(f"{level} level, {len(classes)} classes")
     fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    _save(fig, path)
+
+
+def plot_roc(
+    levels: dict[str, pd.DataFrame], *, title: str, positive_label: str, path: str | Path
+) -> None:
+    """ROC curves per level: one thin line per test fold, the pooled curve bold.
+
+    Parameters
+    ----------
+    levels : dict of str to pandas.DataFrame
+        Level name -> predictions with ``fold``, ``label`` and ``score``.
+    title, positive_label, path
+        See :func:`plot_confusion`.
+    """
+    fig, axes = plt.subplots(1, len(levels), figsize=(4.6 * len(levels), 4.4), squeeze=False)
+    for ax, (level, preds) in zip(axes[0], levels.items(), strict=True):
+        y = (preds["label"] == positive_label).to_numpy()
+        ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1)
+        if not 0 < y.sum() < len(y):
+            ax.text(0.5, 0.5, "one class only: no ROC", ha="center", va="center")
+        else:
+            aucs = []
+            for _fold, part in preds.groupby("fold", sort=True):
+                yf = (part["label"] == positive_label).to_numpy()
+                if 0 < yf.sum() < len(yf):
+                    fpr, tpr, _ = roc_curve(yf, part["score"])
+                    ax.plot(fpr, tpr, color="tab:blue", alpha=0.35, lw=1)
+                    aucs.append(roc_auc_score(yf, part["score"]))
+            fpr, tpr, _ = roc_curve(y, preds["score"])
+            pooled = roc_auc_score(y, preds["score"])
+            spread = (
+                f"; folds {np.mean(aucs):.3f} ± {np.std(aucs, ddof=1):.3f}"
+                if len(aucs) > 1
+                else ""
+            )
+            ax.plot(fpr, tpr, color="tab:blue", lw=2.2, label=f"pooled AUC {pooled:.3f}{spread}")
+            ax.plot([], [], color="tab:blue", alpha=0.35, lw=1, label="one test fold")
+            ax.legend(loc="lower right", fontsize=8)
+        ax.set(
+            xlim=(-0.01, 1.01),
+            ylim=(-0.01, 1.01),
+            aspect="equal",
+            xlabel="1 - specificity (false positive rate)",
+            ylabel="sensitivity (true positive rate)",
+            title=f"{level} level (n={len(preds)}, {int(y.sum())} {positive_label})",
+        )
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def plot_calibration(
+    levels: dict[str, pd.DataFrame],
+    *,
+    title: str,
+    positive_label: str,
+    path: str | Path,
+    n_bins: int = 10,
+) -> None:
+    """Calibration (reliability) curves per level, pooled, over a histogram of the scores.
+
+    Parameters
+    ----------
+    levels : dict of str to pandas.DataFrame
+        Level name -> predictions with ``label`` and ``score``.
+    title, positive_label, path
+        See :func:`plot_confusion`.
+    n_bins : int
+        Equal-width score bins; empty bins are not drawn.
+    """
+    fig, axes = plt.subplots(
+        2,
+        len(levels),
+        figsize=(4.6 * len(levels), 5.6),
+        squeeze=False,
+        gridspec_kw={"height_ratios": [3, 1]},
+        sharex="col",
+    )
+    edges = np.linspace(0, 1, n_bins + 1)
+    for i, (level, preds) in enumerate(levels.items()):
+        top, bottom = axes[0, i], axes[1, i]
+        y = (preds["label"] == positive_label).to_numpy()
+        score = preds["score"].to_numpy(dtype=float)
+        top.plot([0, 1], [0, 1], ls=":", color="grey", lw=1, label="perfectly calibrated")
+        if len(y):
+            observed, predicted = calibration_curve(y, score, n_bins=n_bins, strategy="uniform")
+            brier = float(np.mean((score - y) ** 2))
+            top.plot(
+                predicted,
+                observed,
+                marker="o",
+                color="tab:red",
+                label=f"pooled folds (Brier {brier:.3f})",
+            )
+        top.legend(loc="upper left", fontsize=8)
+        top.set(
+            ylim=(-0.02, 1.02),
+            ylabel=f"observed share {positive_label}",
+            title=f"{level} level (n={len(preds)})",
+        )
+        bottom.hist(
+            [score[y], score[~y]],
+            bins=edges,
+            stacked=True,
+            color=["tab:red", "tab:grey"],
+            label=[positive_label, f"not {positive_label}"],
+        )
+        bottom.set(
+            xlim=(-0.02, 1.02), xlabel=f"predicted probability of {positive_label}", ylabel="count"
+        )
+        bottom.legend(fontsize=7)
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def plot_wbc_counts(
+    levels: dict[str, pd.DataFrame], *, title: str, positive_label: str, path: str | Path
+) -> None:
+    """White cells (ROIs) found per image, by true class and by correct/missed image call.
+
+    S0's failure analysis: the ALL images it missed held few white cells.
+    Uses the ``image`` level only.
+
+    Parameters
+    ----------
+    levels : dict of str to pandas.DataFrame
+        Must hold ``image``: image predictions with ``label``, ``pred`` and ``n_rois``.
+    title, positive_label, path
+        See :func:`plot_confusion`.
+    """
+    images = levels["image"]
+    counts = images["n_rois"].to_numpy(dtype=int)
+    bins = np.arange(0, (counts.max() if len(counts) else 0) + 2) - 0.5
+    truth = (images["label"] == positive_label).to_numpy()
+    called = (images["pred"] == positive_label).to_numpy()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    by_class = {
+        str(c): counts[(images["label"] == c).to_numpy()]
+        for c in sorted(images["label"].astype(str).unique())
+    }
+    by_call = {
+        "correct": counts[truth == called],
+        f"missed {positive_label}": counts[truth & ~called],
+        f"false {positive_label}": counts[~truth & called],
+    }
+    panels = (
+        (axes[0], by_class, "by true class"),
+        (axes[1], by_call, f"by image call ({positive_label} or not)"),
+    )
+    for ax, groups, what in panels:
+        shown = {name: values for name, values in groups.items() if len(values)}
+        if shown:
+            ax.hist(
+                list(shown.values()),
+                bins=bins,
+                label=[f"{k} ({len(v)})" for k, v in shown.items()],
+            )
+            ax.legend(fontsize=8)
+        ax.set(
+            xlabel="white cells (ROIs) found in the image",
+            ylabel="images",
+            title=f"WBCs per image, {what}",
+        )
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.yaxis.get_major_locator().set_params(integer=True)
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+#: Plot kind (the PNG name's suffix: ``<classifier>_<kind>.png``) -> function.
+PLOTTERS: dict[str, Callable[..., None]] = {
+    "confusion": plot_confusion,
+    "roc": plot_roc,
+    "calibration": plot_calibration,
+    "wbc_count": plot_wbc_counts,
+}

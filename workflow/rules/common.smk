@@ -64,15 +64,18 @@ def final_outputs():
         result("rois.parquet"),
         result("folds.csv"),
         result("metrics.csv"),
+        result("metrics_per_class.csv"),
+        *expand(result("qa/{dataset}/summary.csv"), dataset=DATASETS),
         *expand(
             result("embeddings/{dataset}/{encoder}.zarr"),
             dataset=DATASETS,
             encoder=ENCODERS,
         ),
         *expand(
-            result("plots/{dataset}/{encoder}/{classifier}_confusion.png"),
+            result("plots/{dataset}/{encoder}/{classifier}_{kind}.png"),
             dataset=DATASETS,
             encoder=ENCODERS,
             classifier=CLASSIFIERS,
+            kind=PLOT_KINDS,  # defined in evaluate.smk
         ),
     ]

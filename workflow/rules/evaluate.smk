@@ -1,4 +1,9 @@
-# Fit and score: classifiers per fold on the embeddings -> predictions, metrics, plots.
+# Fit and score: classifiers per fold on the embeddings -> models, predictions,
+# metrics (per fold, mean, std, pooled with bootstrap CIs; per class), plots.
+
+# Plots per dataset x encoder x classifier, plots/<dataset>/<encoder>/<classifier>_<kind>.png;
+# fit_classifiers names one output list per kind.
+PLOT_KINDS = ["confusion", "roc", "calibration", "wbc_count"]
 
 
 rule fit_classifiers:
@@ -12,8 +17,28 @@ rule fit_classifiers:
             "evaluate/{dataset}/{encoder}/image_predictions.parquet"
         ),
         metrics=result("evaluate/{dataset}/{encoder}/metrics.csv"),
-        plots=expand(
+        metrics_per_class=result("evaluate/{dataset}/{encoder}/metrics_per_class.csv"),
+        models=expand(
+            result(
+                "evaluate/{{dataset}}/{{encoder}}/models/{classifier}_fold_{fold}.skops"
+            ),
+            classifier=CLASSIFIERS,
+            fold=FOLDS,
+        ),
+        confusion=expand(
             result("plots/{{dataset}}/{{encoder}}/{classifier}_confusion.png"),
+            classifier=CLASSIFIERS,
+        ),
+        roc=expand(
+            result("plots/{{dataset}}/{{encoder}}/{classifier}_roc.png"),
+            classifier=CLASSIFIERS,
+        ),
+        calibration=expand(
+            result("plots/{{dataset}}/{{encoder}}/{classifier}_calibration.png"),
+            classifier=CLASSIFIERS,
+        ),
+        wbc_count=expand(
+            result("plots/{{dataset}}/{{encoder}}/{classifier}_wbc_count.png"),
             classifier=CLASSIFIERS,
         ),
     log:
@@ -27,19 +52,30 @@ rule fit_classifiers:
         classifiers=CLASSIFIERS,
         positive_label=config["positive_label"],
         image_aggregation=config["evaluation"]["image_aggregation"],
+        any_positive_threshold=config["evaluation"]["any_positive_threshold"],
+        n_boot=config["evaluation"]["n_boot"],
+        bootstrap_seed=config["evaluation"]["bootstrap_seed"],
+        ci_level=config["evaluation"]["ci_level"],
+        plot_kinds=PLOT_KINDS,
     script:
         "../scripts/fit_classifiers.py"
 
 
 rule summarise_metrics:
     input:
-        expand(
+        metrics=expand(
             result("evaluate/{dataset}/{encoder}/metrics.csv"),
             dataset=DATASETS,
             encoder=ENCODERS,
         ),
+        metrics_per_class=expand(
+            result("evaluate/{dataset}/{encoder}/metrics_per_class.csv"),
+            dataset=DATASETS,
+            encoder=ENCODERS,
+        ),
     output:
-        result("metrics.csv"),
+        metrics=result("metrics.csv"),
+        metrics_per_class=result("metrics_per_class.csv"),
     log:
         logfile("evaluate/summarise_metrics.log"),
     benchmark:
@@ -48,4 +84,4 @@ rule summarise_metrics:
     conda:
         "../../envs/leukflow.yaml"
     script:
-        "../scripts/gather_tables.py"
+        "../scripts/summarise_metrics.py"

@@ -1,4 +1,4 @@
-# Folds: manifest -> folds.csv (StratifiedGroupKFold by patient, leakage-checked).
+# Folds: manifest -> folds.csv (grouped by patient and leakage-checked, or random: leaky).
 
 
 rule assign_folds:
@@ -17,5 +17,6 @@ rule assign_folds:
     params:
         k=config["folds"]["k"],
         seed=config["folds"]["seed"],
+        protocol=config["folds"]["protocol"],
     script:
         "../scripts/assign_folds.py"

@@ -1,4 +1,4 @@
-"""Rule assign_folds: manifest -> folds.csv, grouped by patient, leakage-checked."""
+"""Rule assign_folds: manifest -> folds.csv, grouped by patient (or random, leaky)."""
 
 from leukflow.folds import assign_folds
 from leukflow.io import read_table, write_table
@@ -10,10 +10,13 @@ folds = assign_folds(
     k=snakemake.params.k,
     seed=snakemake.params.seed,
     duplicates=read_table(snakemake.input.duplicates),
+    protocol=snakemake.params.protocol,
 )
 write_table(folds, snakemake.output.folds)
 log.info(
-    "%d images in %d folds, no patient or duplicate group on both sides",
+    "%d images in %d folds, %s protocol (leaky: %s)",
     len(folds),
     snakemake.params.k,
+    snakemake.params.protocol,
+    bool(folds["leaky"].any()),
 )

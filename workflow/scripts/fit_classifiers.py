@@ -1,43 +1,53 @@
-"""Rule fit_classifiers: classifiers per fold on the embeddings -> predictions, metrics, plots."""
+"""Rule fit_classifiers: classifiers per fold on embeddings -> models, predictions, plots."""
 
-import pandas as pd
+from pathlib import Path
 
-from leukflow.evaluate import aggregate_images, fit_predict_folds, score_folds
+from leukflow.evaluate import evaluate_embeddings, save_model
 from leukflow.folds import label_rois
 from leukflow.io import open_embeddings, read_table, write_table
-from leukflow.report import plot_confusion
+from leukflow.report import PLOTTERS
 from leukflow.runlog import start_log
 
-p = snakemake.params
+p, out = snakemake.params, snakemake.output
 dataset, encoder = snakemake.wildcards.dataset, snakemake.wildcards.encoder
 log = start_log("fit_classifiers", snakemake.log[0], dict(p))
 folds = read_table(snakemake.input.folds)
 folds = folds[folds["dataset"] == dataset]
 rois = label_rois(read_table(snakemake.input.ids), folds)
 arrays = open_embeddings(snakemake.input.store)
-embeddings = {int(name.removeprefix("fold_")): arr[:] for name, arr in arrays.items()}
-roi_preds = fit_predict_folds(
-    embeddings, rois, classifiers=p.classifiers, positive_label=p.positive_label
+result = evaluate_embeddings(
+    {int(name.removeprefix("fold_")): arr[:] for name, arr in arrays.items()},
+    rois,
+    folds,
+    classifiers=p.classifiers,
+    positive_label=p.positive_label,
+    image_aggregation=p.image_aggregation,
+    any_positive_threshold=p.any_positive_threshold,
+    n_boot=p.n_boot,
+    bootstrap_seed=p.bootstrap_seed,
+    ci_level=p.ci_level,
 )
-image_preds = aggregate_images(
-    roi_preds, folds, positive_label=p.positive_label, method=p.image_aggregation
-)
-levels = {"roi": roi_preds, "image": image_preds}
-metrics = pd.concat(
-    [score_folds(preds, positive_label=p.positive_label).assign(level=level)
-     for level, preds in levels.items()]
-).assign(dataset=dataset, encoder=encoder)  # fmt: skip
-first = ["dataset", "encoder", "classifier", "level", "fold"]
-write_table(
-    metrics[first + [c for c in metrics.columns if c not in first]], snakemake.output.metrics
-)
-write_table(roi_preds, snakemake.output.roi_predictions)
-write_table(image_preds, snakemake.output.image_predictions)
-for clf, png in zip(p.classifiers, snakemake.output.plots, strict=True):
-    plot_confusion(
-        {level: preds[preds["classifier"] == clf] for level, preds in levels.items()},
-        title=f"{dataset} / {encoder} / {clf}",
-        positive_label=p.positive_label,
-        path=png,
-    )
-log.info("metrics (mean over folds):\n%s", metrics[metrics["fold"] == "mean"].to_string())
+keys = {"dataset": dataset, "encoder": encoder}
+for table, path in (
+    (result.metrics, out.metrics),
+    (result.metrics_per_class, out.metrics_per_class),
+):
+    write_table(table.assign(**keys)[[*keys, *table.columns]], path)
+write_table(result.roi_predictions, out.roi_predictions)
+write_table(result.image_predictions, out.image_predictions)
+model_paths = {Path(path).stem: path for path in out.models}
+for (clf, fold), model in result.models.items():
+    save_model(model, model_paths[f"{clf}_fold_{fold}"])
+for kind in p.plot_kinds:
+    for clf, png in zip(p.classifiers, out[kind], strict=True):
+        PLOTTERS[kind](
+            {"roi": result.roi_predictions.query("classifier == @clf"),
+             "image": result.image_predictions.query("classifier == @clf")},
+            title=f"{dataset} / {encoder} / {clf}",
+            positive_label=p.positive_label,
+            path=png,
+        )  # fmt: skip
+pooled = result.metrics.query("fold == 'pooled' and metric in ['accuracy', 'roc_auc']")
+log.info("pooled metrics with %g%% bootstrap CIs:\n%s", 100 * p.ci_level,
+         pooled[["classifier", "level", "metric", "accuracy", "roc_auc", "ci_low", "ci_high"]]
+         .to_string())  # fmt: skip

@@ -1,0 +1,88 @@
+"""Tests of the plots (leukflow.report): every kind is written, readable and shaped right."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from leukflow.report import (
+    PLOTTERS,
+    plot_calibration,
+    plot_confusion,
+    plot_roc,
+    plot_wbc_counts,
+)
+
+POS = "ALL"
+
+
+def _levels(labels=(POS, "healthy"), n_images=30, seed=0):
+    """ROI and image predictions of one classifier over 3 folds, about 80% right."""
+    rng = np.random.default_rng(seed)
+    label = np.array(labels)[np.arange(n_images) % len(labels)]
+    n_rois = rng.integers(0, 4, n_images)
+    images = pd.DataFrame(
+        {
+            "classifier": "knn",
+            "fold": np.arange(n_images) % 3,
+            "image_id": [f"i{k}" for k in range(n_images)],
+            "label": label,
+            "n_rois": n_rois,
+        }
+    )
+    rois = images.loc[images.index.repeat(n_rois)].reset_index(drop=True)
+    rois["roi_id"] = rois["image_id"] + "#" + rois.groupby("image_id").cumcount().astype(str)
+    right = rng.random(len(rois)) < 0.8
+    other = rng.choice(list(labels), len(rois))
+    rois["pred"] = np.where(right, rois["label"], other)
+    rois["score"] = np.clip(
+        np.where(rois["pred"] == POS, 0.75, 0.25) + rng.normal(0, 0.15, len(rois)), 0, 1
+    )
+    share = rois.groupby("image_id")["score"].mean()
+    images["score"] = images["image_id"].map(share).fillna(0.0)
+    images["pred"] = np.where(images["score"] >= 0.5, POS, "not_" + POS)
+    images["pred_class"] = images["label"].where(rng.random(n_images) < 0.8, labels[0])
+    images.loc[images["n_rois"] == 0, "pred_class"] = "no_roi"
+    return {"roi": rois.drop(columns="n_rois"), "image": images}
+
+
+def _png(path):
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as im:
+        return im.size
+
+
+@pytest.mark.parametrize("kind", sorted(PLOTTERS))
+def test_every_kind_of_plot_is_written(tmp_path, kind):
+    path = tmp_path / "sub" / f"knn_{kind}.png"
+    PLOTTERS[kind](_levels(), title="demo / resnet18 / knn", positive_label=POS, path=path)
+    width, height = _png(path)
+    assert 600 <= width <= 2000
+    assert 300 <= height <= 1200
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary left
+
+
+def test_confusion_adds_multiclass_matrices_for_more_than_two_labels(tmp_path):
+    plot_confusion(_levels(), title="t", positive_label=POS, path=tmp_path / "two.png")
+    five = _levels(labels=(POS, "b", "c", "d", "e"), n_images=50)
+    plot_confusion(five, title="t", positive_label=POS, path=tmp_path / "five.png")
+    (w2, h2), (w5, h5) = _png(tmp_path / "two.png"), _png(tmp_path / "five.png")
+    assert h5 > 1.7 * h2  # a second row of matrices
+    assert w5 > w2  # wider for five labels
+
+
+def test_plots_survive_a_single_class(tmp_path):
+    levels = _levels(labels=("healthy",))
+    plot_roc(levels, title="t", positive_label=POS, path=tmp_path / "roc.png")
+    plot_calibration(levels, title="t", positive_label=POS, path=tmp_path / "cal.png")
+    plot_wbc_counts(levels, title="t", positive_label=POS, path=tmp_path / "wbc.png")
+    plot_confusion(levels, title="t", positive_label=POS, path=tmp_path / "cm.png")
+    assert len(list(tmp_path.glob("*.png"))) == 4
+
+
+def test_wbc_counts_needs_image_level(tmp_path):
+    with pytest.raises(KeyError, match="image"):
+        plot_wbc_counts(
+            {"roi": _levels()["roi"]}, title="t", positive_label=POS, path=tmp_path / "x.png"
+        )
+    assert not (tmp_path / "x.png").exists()

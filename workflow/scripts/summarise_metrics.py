@@ -1,0 +1,13 @@
+"""Rule summarise_metrics: every dataset's and encoder's metric tables in one of each."""
+
+import pandas as pd
+
+from leukflow.io import read_table, write_table
+from leukflow.runlog import start_log
+
+log = start_log(snakemake.rule, snakemake.log[0])
+for name in ("metrics", "metrics_per_class"):
+    paths = snakemake.input[name]
+    table = pd.concat([read_table(path) for path in paths], ignore_index=True)
+    write_table(table, snakemake.output[name])
+    log.info("%d rows from %d tables -> %s", len(table), len(paths), snakemake.output[name])
