@@ -3,6 +3,7 @@
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -216,3 +217,27 @@ def test_e2e_every_rule_logged_and_benchmarked_and_rerun_does_nothing(e2e_run):
     rerun = snakemake(work, "--configfile", "my.yaml", "-n")
     assert rerun.returncode == 0
     assert "Nothing to be done" in rerun.stdout + rerun.stderr
+
+
+def test_second_run_in_the_same_directory_is_refused_by_the_lock(tmp_path):
+    demo = {"format": "demo", "root": "demo", "n_fields": 4, "fields_per_patient": 2}
+    config = {"results_dir": "out", "datasets": {"demo": demo}}
+    (tmp_path / "my.yaml").write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
+           "--cores", "1", "--configfile", "my.yaml"]  # fmt: skip
+    first = subprocess.Popen(
+        cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        locks = tmp_path / ".snakemake" / "locks"
+        deadline = time.monotonic() + 120
+        while not (locks.is_dir() and any(locks.iterdir())):
+            assert first.poll() is None, "the first run ended before taking its lock"
+            assert time.monotonic() < deadline, "the first run took no lock in 120 s"
+            time.sleep(0.2)
+        second = snakemake(tmp_path, "--configfile", "my.yaml", "--rerun-incomplete")
+        assert second.returncode != 0
+        assert "Directory cannot be locked" in second.stdout + second.stderr
+    finally:
+        first.kill()
+        first.wait()
