@@ -733,3 +733,45 @@ def test_cnmc_like_cell_on_black_is_not_too_dark():
     assert seg.reason == ""
     rois, _ = field_rois(seg, "cnmc/UID_H10_43_1_hem", params)
     assert rois[["x0", "y0", "x1", "y1"]].values.tolist() == [[90, 90, 360, 360]]
+
+
+def test_segment_to_store_streams_the_same_crops_as_segment_images(tmp_path):
+    from leukflow.io import read_crops
+    from leukflow.segment import segment_to_store
+
+    rng = np.random.default_rng(5)
+    paths = []
+    for i in range(10):
+        img = np.full((120, 160, 3), (230, 220, 215), np.uint8)
+        for _ in range(12):  # red cells: the middle multi-Otsu class
+            rr, cc = disk(tuple(rng.integers(10, 110, 2)), 9, shape=img.shape[:2])
+            img[rr, cc] = (215, 150, 150)
+        for _ in range(1 + i % 3):
+            rr, cc = disk(tuple(rng.integers(25, 95, 2)), 12, shape=img.shape[:2])
+            img[rr, cc] = (90, 50, 130)
+        Image.fromarray(img).save(tmp_path / f"f{i}.png")
+        paths.append(tmp_path / f"f{i}.png")
+    ids = [f"d/f{i}" for i in range(10)]
+    params = SegmentParams(min_area_px=50, roi_size_px=24)
+    whole = segment_images(paths, ids, params=params, n_workers=2, chunk_size=2)
+    store = tmp_path / "crops.zarr"
+    streamed = segment_to_store(paths, ids, params=params, crops_path=store, attrs={"m": 1},
+                                n_workers=2, chunk_size=2)  # fmt: skip
+    pd.testing.assert_frame_equal(whole.rois, streamed.rois)
+    pd.testing.assert_frame_equal(whole.images, streamed.images)
+    np.testing.assert_array_equal(read_crops(store), whole.crops)
+    assert len(whole.crops) >= 10
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".crops")] == []
+
+
+def test_crop_store_writer_leaves_nothing_when_aborted(tmp_path):
+    from leukflow.io import CropStoreWriter
+
+    def killed_mid_write():
+        with CropStoreWriter(tmp_path / "crops.zarr", 8, {}) as writer:
+            writer.append(np.zeros((3, 8, 8, 3), np.uint8))
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        killed_mid_write()
+    assert list(tmp_path.iterdir()) == []

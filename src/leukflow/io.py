@@ -247,6 +247,71 @@ def write_crops(crops: np.ndarray, path: str | Path, attrs: Mapping[str, Any]) -
             arr[:] = crops
 
 
+class CropStoreWriter:
+    """Append ROI crops to a zarr v3 array chunk by chunk, never all in memory.
+
+    The store is built under a temporary name and renamed onto ``path`` by
+    :meth:`close` (or on leaving a ``with`` block without an error), so a
+    killed job leaves no store that a later run would trust.
+
+    Parameters
+    ----------
+    path : str or Path
+        Store directory (``.zarr``).
+    roi_size_px : int
+        Side of the square crops.
+    attrs : mapping
+        JSON-serialisable metadata kept with the array.
+    """
+
+    def __init__(self, path: str | Path, roi_size_px: int, attrs: Mapping[str, Any]):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
+        shape = (0, roi_size_px, roi_size_px, 3)
+        self._array = zarr.create_array(
+            store=str(self._tmp / self.path.name),
+            shape=shape,
+            chunks=(256, *shape[1:]),
+            dtype="uint8",
+            attributes=dict(attrs),
+            zarr_format=3,
+        )
+        self.n_rows = 0
+
+    def append(self, crops: np.ndarray) -> None:
+        """Add ``(n, S, S, 3)`` uint8 crops after those already written."""
+        if crops.shape[1:] != self._array.shape[1:] or crops.dtype != np.uint8:
+            raise ValueError(
+                f"CropStoreWriter.append: expected (n, {self._array.shape[1]}, "
+                f"{self._array.shape[2]}, 3) uint8 crops; got {crops.shape} {crops.dtype}"
+            )
+        if len(crops):
+            self._array.resize((self.n_rows + len(crops), *self._array.shape[1:]))
+            self._array[self.n_rows :] = crops
+            self.n_rows += len(crops)
+
+    def close(self) -> None:
+        """Move the finished store onto its final name."""
+        if self.path.is_dir():
+            shutil.rmtree(self.path)
+        os.replace(self._tmp / self.path.name, self.path)
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def abort(self) -> None:
+        """Drop the unfinished store."""
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> CropStoreWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
 def read_crops(path: str | Path) -> np.ndarray:
     """Read all ROI crops of a store written by :func:`write_crops`."""
     return np.asarray(zarr.open_array(str(path), mode="r")[:])

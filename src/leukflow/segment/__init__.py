@@ -19,17 +19,20 @@ each, ``method(rgb, **params) -> (H, W) int32 labels``, registered by name in
 :func:`~leukflow.segment.rois.segment_field` adds what every method shares
 (downscaling of huge fields, the checks that give a reason instead of ROIs,
 keeping the central region), :func:`extract_rois` cuts the same ROI record from
-any label image, and :func:`segment_images` runs chunks of images as dask tasks.
+any label image, and :func:`segment_images` runs chunks of images as dask tasks
+(:func:`segment_to_store` streams their crops to disk as they finish).
 :mod:`~leukflow.segment.masks` reads expert masks and scores masks against them.
 """
 
 from leukflow.segment.batch import (
     K_SCORE_COLUMNS,
     SegmentedImages,
+    iter_segmented,
     match_rois_to_boxes,
     match_rois_to_points,
     read_truth,
     segment_images,
+    segment_to_store,
     summarise_k_scores,
 )
 from leukflow.segment.masks import dice, iou, resize_nearest, score_mask, ssim, truth_masks
@@ -56,11 +59,36 @@ from leukflow.segment.rois import (
 )
 
 __all__ = [
-    "CHANNELS", "IMAGE_COLUMNS", "K_SCORE_COLUMNS", "METHODS", "NO_ROI_REASONS", "ROI_COLUMNS",
-    "FieldSegmentation", "SegmentParams", "SegmentedImages",
-    "check_field", "dice", "extract_rois", "field_rois", "iou", "keep_central",
-    "kmeans_candidates", "kmeans_clusters", "label_regions", "match_rois_to_boxes",
-    "match_rois_to_points", "read_truth", "resize_nearest", "score_mask", "segment_cells",
-    "segment_field", "segment_images", "select_kmeans", "ssim", "summarise_k_scores",
+    "CHANNELS",
+    "IMAGE_COLUMNS",
+    "K_SCORE_COLUMNS",
+    "METHODS",
+    "NO_ROI_REASONS",
+    "ROI_COLUMNS",
+    "FieldSegmentation",
+    "SegmentParams",
+    "SegmentedImages",
+    "check_field",
+    "dice",
+    "extract_rois",
+    "field_rois",
+    "iou",
+    "iter_segmented",
+    "keep_central",
+    "kmeans_candidates",
+    "kmeans_clusters",
+    "label_regions",
+    "match_rois_to_boxes",
+    "match_rois_to_points",
+    "read_truth",
+    "resize_nearest",
+    "score_mask",
+    "segment_cells",
+    "segment_field",
+    "segment_images",
+    "segment_to_store",
+    "select_kmeans",
+    "ssim",
+    "summarise_k_scores",
     "truth_masks",
 ]  # fmt: skip

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -13,7 +13,7 @@ import dask
 import numpy as np
 import pandas as pd
 
-from leukflow.io import InvalidInputError, read_image
+from leukflow.io import CropStoreWriter, InvalidInputError, read_image
 from leukflow.parallel import single_threaded_worker
 from leukflow.segment.masks import truth_masks
 from leukflow.segment.rois import (
@@ -98,6 +98,48 @@ def _combine(tables, crops, images, k_scores, size) -> SegmentedImages:
     )
 
 
+def iter_segmented(
+    paths: Sequence[str | Path],
+    image_ids: Sequence[str],
+    *,
+    params: SegmentParams,
+    mask_paths: Sequence[str | Path] | None = None,
+    n_workers: int = 1,
+    chunk_size: int = 8,
+) -> Iterator[SegmentedImages]:
+    """Yield the results of :func:`segment_images` chunk by chunk, in image order.
+
+    dask computes the chunks in waves of ``2 * n_workers`` tasks on one
+    process pool, so at most one wave of results is in memory: a caller that
+    writes each chunk to disk (:class:`leukflow.io.CropStoreWriter`) keeps
+    memory flat in the number of images.
+    """
+    if len(paths) != len(image_ids):
+        raise ValueError(f"segment_images: {len(paths)} paths but {len(image_ids)} image ids")
+    masks = ["" if m is None else str(m) for m in (mask_paths or [""] * len(paths))]
+    if len(masks) != len(paths):
+        raise ValueError(f"segment_images: {len(paths)} paths but {len(masks)} mask paths")
+    paths = [str(p) for p in paths]
+    kwargs = asdict(params)
+    tasks = [
+        dask.delayed(_segment_chunk)(paths[i : i + chunk_size], image_ids[i : i + chunk_size],
+                                     masks[i : i + chunk_size], kwargs)
+        for i in range(0, len(paths), chunk_size)
+    ]  # fmt: skip
+    log.info(
+        "segmenting %d images with %s in %d tasks on %d workers",
+        len(paths), params.method, len(tasks), n_workers,
+    )  # fmt: skip
+    if n_workers <= 1 or len(tasks) <= 1:
+        for task in tasks:
+            yield from dask.compute(task, scheduler="sync")
+        return
+    wave = 2 * n_workers
+    with ProcessPoolExecutor(n_workers, initializer=single_threaded_worker) as pool:
+        for start in range(0, len(tasks), wave):
+            yield from dask.compute(*tasks[start : start + wave], scheduler="processes", pool=pool)
+
+
 def segment_images(
     paths: Sequence[str | Path],
     image_ids: Sequence[str],
@@ -129,27 +171,12 @@ def segment_images(
         ``rois``, ``crops``, ``images`` (one row per image, with the reason
         when it gave no ROI) and ``k_scores``.
     """
-    if len(paths) != len(image_ids):
-        raise ValueError(f"segment_images: {len(paths)} paths but {len(image_ids)} image ids")
-    masks = ["" if m is None else str(m) for m in (mask_paths or [""] * len(paths))]
-    if len(masks) != len(paths):
-        raise ValueError(f"segment_images: {len(paths)} paths but {len(masks)} mask paths")
-    paths = [str(p) for p in paths]
-    kwargs = asdict(params)
-    tasks = [
-        dask.delayed(_segment_chunk)(paths[i : i + chunk_size], image_ids[i : i + chunk_size],
-                                     masks[i : i + chunk_size], kwargs)
-        for i in range(0, len(paths), chunk_size)
-    ]  # fmt: skip
-    log.info(
-        "segmenting %d images with %s in %d tasks on %d workers",
-        len(paths), params.method, len(tasks), n_workers,
+    results = list(
+        iter_segmented(
+            paths, image_ids, params=params, mask_paths=mask_paths,
+            n_workers=n_workers, chunk_size=chunk_size,
+        )
     )  # fmt: skip
-    if n_workers <= 1 or len(tasks) <= 1:
-        results = dask.compute(*tasks, scheduler="sync")
-    else:
-        with ProcessPoolExecutor(n_workers, initializer=single_threaded_worker) as pool:
-            results = dask.compute(*tasks, scheduler="processes", pool=pool)
     out = _combine(
         [r.rois for r in results],
         [r.crops for r in results],
@@ -164,6 +191,36 @@ def segment_images(
             len(missing), len(paths), missing["reason"].value_counts().to_dict(),
         )  # fmt: skip
     return out
+
+
+def segment_to_store(
+    paths: Sequence[str | Path],
+    image_ids: Sequence[str],
+    *,
+    params: SegmentParams,
+    crops_path: str | Path,
+    attrs: dict,
+    mask_paths: Sequence[str | Path] | None = None,
+    n_workers: int = 1,
+    chunk_size: int = 8,
+) -> SegmentedImages:
+    """Segment like :func:`segment_images`, streaming the crops into a zarr store.
+
+    The crops of each chunk go to ``crops_path`` as soon as the chunk is done
+    (atomically: the store appears under its name only when complete); only
+    the small tables are gathered. The returned ``crops`` is empty.
+    """
+    tables, images, k_scores = [], [], []
+    with CropStoreWriter(crops_path, params.roi_size_px, attrs) as store:
+        for part in iter_segmented(
+            paths, image_ids, params=params, mask_paths=mask_paths,
+            n_workers=n_workers, chunk_size=chunk_size,
+        ):  # fmt: skip
+            store.append(part.crops)
+            tables.append(part.rois)
+            images += part.images.to_dict("records")
+            k_scores += part.k_scores.to_dict("records")
+    return _combine(tables, [], images, k_scores, params.roi_size_px)
 
 
 def summarise_k_scores(k_scores: pd.DataFrame, labels: pd.Series) -> pd.DataFrame:
