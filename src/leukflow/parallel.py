@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, TypeVar
 
+from threadpoolctl import threadpool_limits
 from tqdm.auto import tqdm
 
 T = TypeVar("T")
@@ -15,9 +16,14 @@ _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def single_threaded_worker() -> None:
-    """Pin BLAS/OpenMP to one thread: one process per core, no oversubscription."""
+    """Pin BLAS/OpenMP to one thread: one process per core, no oversubscription.
+
+    The environment variables reach libraries loaded later; threadpoolctl
+    limits the pools that numpy and scikit-learn have already started.
+    """
     for var in _THREAD_VARS:
         os.environ[var] = "1"
+    threadpool_limits(limits=1)
 
 
 def parallel_map(
