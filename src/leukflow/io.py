@@ -277,22 +277,38 @@ class CropStoreWriter:
             attributes=dict(attrs),
             zarr_format=3,
         )
-        self.n_rows = 0
+        self.n_rows = 0  # rows written to the array
+        self._pending: list[np.ndarray] = []
+        self._n_pending = 0
 
     def append(self, crops: np.ndarray) -> None:
-        """Add ``(n, S, S, 3)`` uint8 crops after those already written."""
+        """Add ``(n, S, S, 3)`` uint8 crops after those already written.
+
+        Rows are buffered and written a whole zarr chunk at a time: appending
+        to a partly filled chunk would decompress and rewrite it each time.
+        """
         if crops.shape[1:] != self._array.shape[1:] or crops.dtype != np.uint8:
             raise ValueError(
                 f"CropStoreWriter.append: expected (n, {self._array.shape[1]}, "
                 f"{self._array.shape[2]}, 3) uint8 crops; got {crops.shape} {crops.dtype}"
             )
-        if len(crops):
-            self._array.resize((self.n_rows + len(crops), *self._array.shape[1:]))
-            self._array[self.n_rows :] = crops
-            self.n_rows += len(crops)
+        self._pending.append(crops)
+        self._n_pending += len(crops)
+        if self._n_pending >= self._array.chunks[0]:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._n_pending:
+            return
+        block = np.concatenate(self._pending)
+        self._array.resize((self.n_rows + len(block), *self._array.shape[1:]))
+        self._array[self.n_rows :] = block
+        self.n_rows += len(block)
+        self._pending, self._n_pending = [], 0
 
     def close(self) -> None:
-        """Move the finished store onto its final name."""
+        """Write what is buffered and move the finished store onto its final name."""
+        self._flush()
         if self.path.is_dir():
             shutil.rmtree(self.path)
         os.replace(self._tmp / self.path.name, self.path)

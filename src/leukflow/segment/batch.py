@@ -109,7 +109,7 @@ def iter_segmented(
 ) -> Iterator[SegmentedImages]:
     """Yield the results of :func:`segment_images` chunk by chunk, in image order.
 
-    dask computes the chunks in waves of ``2 * n_workers`` tasks on one
+    dask computes the chunks in waves of ``8 * n_workers`` tasks on one
     process pool, so at most one wave of results is in memory: a caller that
     writes each chunk to disk (:class:`leukflow.io.CropStoreWriter`) keeps
     memory flat in the number of images.
@@ -134,10 +134,13 @@ def iter_segmented(
         for task in tasks:
             yield from dask.compute(task, scheduler="sync")
         return
-    wave = 2 * n_workers
+    wave = 8 * n_workers
     with ProcessPoolExecutor(n_workers, initializer=single_threaded_worker) as pool:
         for start in range(0, len(tasks), wave):
-            yield from dask.compute(*tasks[start : start + wave], scheduler="processes", pool=pool)
+            # chunksize=1: each task is already a chunk of images; dask would batch 6
+            yield from dask.compute(
+                *tasks[start : start + wave], scheduler="processes", pool=pool, chunksize=1
+            )
 
 
 def segment_images(
