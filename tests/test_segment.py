@@ -775,3 +775,15 @@ def test_crop_store_writer_leaves_nothing_when_aborted(tmp_path):
     with pytest.raises(RuntimeError, match="killed"):
         killed_mid_write()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_segment_params_from_the_validated_config():
+    from leukflow.config import validate_config
+
+    cfg = validate_config({}, check_paths=False)["segmentation"]
+    params = SegmentParams.from_mapping(cfg)
+    assert params.method == cfg["method"]
+    assert params.roi_size_px == cfg["roi_size_px"]
+    assert params.kmeans == cfg["kmeans"]
+    with pytest.raises(KeyError, match="max_image_px"):
+        SegmentParams.from_mapping({k: v for k, v in cfg.items() if k != "max_image_px"})

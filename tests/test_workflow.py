@@ -220,8 +220,10 @@ def test_e2e_every_rule_logged_and_benchmarked_and_rerun_does_nothing(e2e_run):
 
 
 def test_second_run_in_the_same_directory_is_refused_by_the_lock(tmp_path):
-    demo = {"format": "demo", "root": "demo", "n_fields": 4, "fields_per_patient": 2}
-    config = {"results_dir": "out", "datasets": {"demo": demo}}
+    # a valid run that trains for a while, so it holds its lock throughout
+    demo = {"format": "demo", "root": "demo", "n_fields": 10, "fields_per_patient": 2}
+    config = {"results_dir": "out", "datasets": {"demo": demo}, "folds": {"k": 2},
+              "encoders": {"resnet18": {"epochs": 20}}}  # fmt: skip
     (tmp_path / "my.yaml").write_text(yaml.safe_dump(config))
     cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"),
            "--cores", "1", "--configfile", "my.yaml"]  # fmt: skip
@@ -236,6 +238,7 @@ def test_second_run_in_the_same_directory_is_refused_by_the_lock(tmp_path):
             assert time.monotonic() < deadline, "the first run took no lock in 120 s"
             time.sleep(0.2)
         second = snakemake(tmp_path, "--configfile", "my.yaml", "--rerun-incomplete")
+        assert first.poll() is None, "the first run ended while the second ran"
         assert second.returncode != 0
         assert "Directory cannot be locked" in second.stdout + second.stderr
     finally:

@@ -12,21 +12,7 @@ dataset = snakemake.wildcards.dataset
 log = start_log("score_segmentation", snakemake.log[0], {**cfg, "qa_methods": methods})
 manifest = read_table(snakemake.input.manifest)
 images = manifest[manifest["dataset"] == dataset]
-params = SegmentParams(
-    method=cfg["method"],
-    channel=cfg["channel"],
-    classes=cfg["classes"],
-    min_area_px=cfg["min_area_px"],
-    closing_radius_px=cfg["closing_radius_px"],
-    kmeans=cfg["kmeans"],
-    otsu_contours=cfg["otsu_contours"],
-    center_crop=cfg["center_crop"],
-    keep_regions=cfg["keep_regions"],
-    mask_background=cfg["mask_background"],
-    roi_margin=cfg["roi_margin"],
-    roi_size_px=cfg["roi_size_px"],
-    max_image_px=cfg["max_image_px"],
-)
+params = SegmentParams.from_mapping(cfg)
 per_image = score_segmentation(images, params, methods=methods, n_workers=snakemake.threads)
 summary = summarise_qa(per_image, methods)
 write_table(per_image, snakemake.output.per_image)

@@ -10,21 +10,7 @@ cfg = snakemake.params.segmentation
 log = start_log("segment_cells", snakemake.log[0], {**cfg, "threads": snakemake.threads})
 manifest = read_table(snakemake.input.manifest)
 images = manifest[manifest["dataset"] == snakemake.wildcards.dataset]
-params = SegmentParams(
-    method=cfg["method"],
-    channel=cfg["channel"],
-    classes=cfg["classes"],
-    min_area_px=cfg["min_area_px"],
-    closing_radius_px=cfg["closing_radius_px"],
-    kmeans=cfg["kmeans"],
-    otsu_contours=cfg["otsu_contours"],
-    center_crop=cfg["center_crop"],
-    keep_regions=cfg["keep_regions"],
-    mask_background=cfg["mask_background"],
-    roi_margin=cfg["roi_margin"],
-    roi_size_px=cfg["roi_size_px"],
-    max_image_px=cfg["max_image_px"],
-)
+params = SegmentParams.from_mapping(cfg)
 roots = [Path(root) for root in images["root"]]
 result = segment_to_store(
     [root / path for root, path in zip(roots, images["path"], strict=True)],

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -80,6 +80,15 @@ class SegmentParams:
     roi_margin: float = 0.4
     roi_size_px: int = 64
     max_image_px: int = 16_000_000
+
+    @classmethod
+    def from_mapping(cls, settings: Mapping[str, Any]) -> SegmentParams:
+        """Build from a mapping that holds every field (the validated ``segmentation`` config).
+
+        Keys that are not fields (``chunk_size``...) are ignored; a missing
+        field is a ``KeyError``, never a silent default.
+        """
+        return cls(**{f.name: settings[f.name] for f in fields(cls)})
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
