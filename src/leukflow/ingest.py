@@ -20,21 +20,13 @@ import pandas as pd
 from PIL import Image
 
 from leukflow.datasets import (
-    LISTERS,
     NO_ANNOTATIONS,
     RECORD_COLUMNS,
     image_folder,
     list_dataset,
-    list_demo,
-    list_folders,
 )
 from leukflow.io import InvalidInputError, read_image, read_image_noted, sha256_file
 from leukflow.parallel import parallel_map
-
-__all__ = [
-    "LISTERS", "MANIFEST_COLUMNS", "REJECT_COLUMNS", "ingest_datasets", "ingest_images",
-    "list_demo", "list_folders",
-]  # fmt: skip
 
 log = logging.getLogger(__name__)
 

@@ -219,7 +219,7 @@ def read_voc_boxes(path: str | Path, name: str = "WBC") -> pd.DataFrame:
 
 
 def write_crops(crops: np.ndarray, path: str | Path, attrs: Mapping[str, Any]) -> None:
-    """Write ROI crops as one chunked zarr v3 array, atomically.
+    """Write ROI crops held in memory as one store (see :class:`CropStoreWriter`).
 
     Parameters
     ----------
@@ -234,17 +234,8 @@ def write_crops(crops: np.ndarray, path: str | Path, attrs: Mapping[str, Any]) -
         raise ValueError(
             f"write_crops: expected (n, S, S, 3) uint8 crops; got {crops.shape} {crops.dtype}"
         )
-    with atomic_path(path) as tmp:
-        arr = zarr.create_array(
-            store=str(tmp),
-            shape=crops.shape,
-            chunks=(256, *crops.shape[1:]),
-            dtype="uint8",
-            attributes=dict(attrs),
-            zarr_format=3,
-        )
-        if len(crops):
-            arr[:] = crops
+    with CropStoreWriter(path, crops.shape[1], attrs) as store:
+        store.append(crops)
 
 
 class CropStoreWriter:
