@@ -60,6 +60,7 @@ def fold_checkpoints(wildcards):
 def final_outputs():
     return [
         result("manifest.parquet"),
+        result("provenance.json"),
         result("rejects.csv"),
         result("rois.parquet"),
         result("folds.csv"),
