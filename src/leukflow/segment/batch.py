@@ -20,7 +20,7 @@ from leukflow.segment.rois import (
     IMAGE_COLUMNS,
     ROI_COLUMNS,
     SegmentParams,
-    field_rois,
+    field_roi_records,
     segment_field,
 )
 
@@ -62,7 +62,7 @@ def _segment_chunk(
     paths: Sequence[str], image_ids: Sequence[str], mask_paths: Sequence[str], params: dict
 ) -> SegmentedImages:
     p = SegmentParams(**params)
-    tables, crops, images, k_scores = [], [], [], []
+    roi_rows, crops, images, k_scores = [], [], [], []
     for path, image_id, mask_path in zip(paths, image_ids, mask_paths, strict=True):
         try:
             rgb = read_image(path)
@@ -75,26 +75,41 @@ def _segment_chunk(
             )  # fmt: skip
             continue
         seg = segment_field(rgb, p, truth)
-        rois, stack = field_rois(seg, image_id, p)
-        tables.append(rois)
+        rois, stack = field_roi_records(seg, image_id, p)
+        roi_rows += rois
         crops.append(stack)
         images.append(
             {"image_id": image_id, "n_rois": len(rois), "reason": seg.reason, "note": seg.note,
              "scale": seg.scale, "k": seg.k}
         )  # fmt: skip
         k_scores += [{"image_id": image_id, **row} for row in seg.k_scores]
-    return _combine(tables, crops, images, k_scores, p.roi_size_px)
-
-
-def _combine(tables, crops, images, k_scores, size) -> SegmentedImages:
-    tables = [t for t in tables if len(t)]
     return SegmentedImages(
-        pd.concat(tables, ignore_index=True)[ROI_COLUMNS]
-        if tables
-        else pd.DataFrame(columns=ROI_COLUMNS),
-        np.concatenate(crops) if crops else np.zeros((0, size, size, 3), np.uint8),
+        pd.DataFrame(roi_rows, columns=ROI_COLUMNS),
+        np.concatenate(crops) if crops else _no_crops(p.roi_size_px),
         pd.DataFrame(images, columns=IMAGE_COLUMNS),
         pd.DataFrame(k_scores, columns=K_SCORE_COLUMNS),
+    )
+
+
+def _no_crops(size: int) -> np.ndarray:
+    return np.zeros((0, size, size, 3), np.uint8)
+
+
+def _concat(parts: Sequence[SegmentedImages], size: int, keep_crops: bool) -> SegmentedImages:
+    """One :class:`SegmentedImages` from the chunks' (crops dropped unless ``keep_crops``)."""
+
+    def cat(tables: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+        tables = [t for t in tables if len(t)]
+        if not tables:
+            return pd.DataFrame(columns=columns)
+        return pd.concat(tables, ignore_index=True)[columns]
+
+    crops = [p.crops for p in parts] if keep_crops else []
+    return SegmentedImages(
+        cat([p.rois for p in parts], ROI_COLUMNS),
+        np.concatenate(crops) if crops else _no_crops(size),
+        cat([p.images for p in parts], IMAGE_COLUMNS),
+        cat([p.k_scores for p in parts], K_SCORE_COLUMNS),
     )
 
 
@@ -180,13 +195,7 @@ def segment_images(
             n_workers=n_workers, chunk_size=chunk_size,
         )
     )  # fmt: skip
-    out = _combine(
-        [r.rois for r in results],
-        [r.crops for r in results],
-        [row for r in results for row in r.images.to_dict("records")],
-        [row for r in results for row in r.k_scores.to_dict("records")],
-        params.roi_size_px,
-    )
+    out = _concat(results, params.roi_size_px, keep_crops=True)
     missing = out.images[out.images["n_rois"] == 0]
     if len(missing):
         log.info(
@@ -213,17 +222,15 @@ def segment_to_store(
     (atomically: the store appears under its name only when complete); only
     the small tables are gathered. The returned ``crops`` is empty.
     """
-    tables, images, k_scores = [], [], []
+    parts = []
     with CropStoreWriter(crops_path, params.roi_size_px, attrs) as store:
         for part in iter_segmented(
             paths, image_ids, params=params, mask_paths=mask_paths,
             n_workers=n_workers, chunk_size=chunk_size,
         ):  # fmt: skip
             store.append(part.crops)
-            tables.append(part.rois)
-            images += part.images.to_dict("records")
-            k_scores += part.k_scores.to_dict("records")
-    return _combine(tables, [], images, k_scores, params.roi_size_px)
+            parts.append(part._replace(crops=None))
+    return _concat(parts, params.roi_size_px, keep_crops=False)
 
 
 def summarise_k_scores(k_scores: pd.DataFrame, labels: pd.Series) -> pd.DataFrame:
