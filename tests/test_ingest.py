@@ -361,3 +361,24 @@ def test_count_summary_line():
         "kept 3, rejected 3 by reason (unreadable: 2, too_small: 1), "
         "converted 1 to 8-bit RGB (see the note column)"
     )
+
+
+def test_ingest_reads_measurements_of_known_content_from_the_cache(tmp_path, demo_root):
+    from leukflow.datasets import list_dataset
+
+    root, _ = demo_root
+    records, _ = list_dataset("demo", root)
+    kwargs = {"dataset": "demo", "root": root, "min_size_px": MIN_SIZE}
+    fresh, fresh_rejects = ingest_images(records, **kwargs)
+    first, _ = ingest_images(records, cache_dir=tmp_path / "cache", **kwargs)
+    # every image that decodes is cached, the too small ones included
+    entries = sorted((tmp_path / "cache").rglob("*.npz"))
+    assert len(entries) == len(fresh) + (fresh_rejects["reason"] == "too_small").sum()
+    again, _ = ingest_images(records, cache_dir=tmp_path / "cache", **kwargs)
+    pd.testing.assert_frame_equal(first, fresh)
+    pd.testing.assert_frame_equal(again, fresh)
+    # the size check still applies to cached measurements
+    _, rejects = ingest_images(
+        records, cache_dir=tmp_path / "cache", **{**kwargs, "min_size_px": 10_000}
+    )
+    assert (rejects["reason"] == "too_small").sum() == len(entries)

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from leukflow import cache
 from leukflow.datasets import (
     NO_ANNOTATIONS,
     RECORD_COLUMNS,
@@ -40,13 +41,18 @@ MANIFEST_DTYPES = {
 }
 REJECT_COLUMNS = ["dataset", "path", "reason", "message"]
 
+#: Cache folder of ingest's per-image measurements (see :mod:`leukflow.cache`).
+INGEST_CACHE = cache.namespace("ingest", {}, cache.INGEST_SOURCES)
+
 #: Keys of a dataset spec that only the demo drawing uses; ingest ignores them.
 DEMO_ONLY_KEYS = {"n_fields", "fields_per_patient", "seed"}
 #: Keys of a dataset spec that ingest reads besides ``format`` and ``root``.
 OPTION_KEYS = {"masks", "label", "label_map"}
 
 
-def inspect_image(path: Path, mask: Path | None, *, min_size_px: int) -> dict[str, Any]:
+def inspect_image(
+    path: Path, mask: Path | None, *, min_size_px: int, cache_dir: str | Path | None = None
+) -> dict[str, Any]:
     """Decode, hash and measure one image, and check its mask's size.
 
     Parameters
@@ -57,6 +63,9 @@ def inspect_image(path: Path, mask: Path | None, *, min_size_px: int) -> dict[st
         Its mask file, if any.
     min_size_px : int
         Images narrower or lower than this are rejected as ``too_small``.
+    cache_dir : str or Path, optional
+        Per-image cache (:mod:`leukflow.cache`): an image whose file hash was
+        measured before is not decoded again.
 
     Returns
     -------
@@ -71,28 +80,42 @@ def inspect_image(path: Path, mask: Path | None, *, min_size_px: int) -> dict[st
         For an unusable image or mask (see :func:`leukflow.io.read_image`),
         ``too_small`` or ``mask_size_mismatch``.
     """
-    rgb, note = read_image_noted(path)
-    h, w = rgb.shape[:2]
+    try:
+        sha = sha256_file(path)
+    except OSError:  # read_image_noted below names the reason
+        sha = ""
+    entry = cache.entry_path(cache_dir, INGEST_CACHE, sha) if (cache_dir and sha) else None
+    hit = cache.load_arrays(entry) if entry is not None else None
+    if hit is not None:
+        arrays, found = hit
+        found["thumbnail"] = arrays["thumbnail"].tobytes()
+    else:
+        rgb, note = read_image_noted(path)
+        found = {
+            "pixel_sha256": hashlib.sha256(f"{rgb.shape}".encode() + rgb.tobytes()).hexdigest(),
+            "width": rgb.shape[1],
+            "height": rgb.shape[0],
+            "note": note,
+            "thumbnail": image_thumbnail(rgb).astype(np.float16).tobytes(),
+        }
+        if entry is not None:
+            meta = {k: v for k, v in found.items() if k != "thumbnail"}
+            thumb = np.frombuffer(found["thumbnail"], dtype=np.uint8)
+            cache.save_arrays(entry, {"thumbnail": thumb}, meta)
+    h, w = found["height"], found["width"]
     if min(h, w) < min_size_px:
         raise InvalidInputError(
             "too_small", f"{path}: {w}x{h} pixels, below min_size_px={min_size_px}"
         )
     if mask is not None:
         _check_mask(path, mask, (h, w))
-    return {
-        "sha256": sha256_file(path),
-        "pixel_sha256": hashlib.sha256(f"{rgb.shape}".encode() + rgb.tobytes()).hexdigest(),
-        "width": w,
-        "height": h,
-        "note": note,
-        "thumbnail": image_thumbnail(rgb).astype(np.float16).tobytes(),
-    }
+    return {"sha256": sha, **found}
 
 
-def _inspect_or_reason(task: tuple[Path, Path | None, int]) -> dict[str, Any]:
-    path, mask, min_size_px = task
+def _inspect_or_reason(task: tuple[Path, Path | None, int, str]) -> dict[str, Any]:
+    path, mask, min_size_px, cache_dir = task
     try:
-        return inspect_image(path, mask, min_size_px=min_size_px)
+        return inspect_image(path, mask, min_size_px=min_size_px, cache_dir=cache_dir or None)
     except InvalidInputError as err:
         return {"reason": err.reason, "message": str(err)}
 
@@ -104,6 +127,7 @@ def ingest_images(
     root: str | Path,
     min_size_px: int,
     n_workers: int = 1,
+    cache_dir: str | Path | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Open, hash and measure every listed image, in parallel.
 
@@ -121,6 +145,8 @@ def ingest_images(
         Images narrower or lower than this are rejected as ``too_small``.
     n_workers : int
         Worker processes decoding images (the rule's ``threads``).
+    cache_dir : str or Path, optional
+        See :func:`inspect_image`.
 
     Returns
     -------
@@ -149,7 +175,12 @@ def ingest_images(
         else:
             listed.append(rec)
     tasks = [
-        (root / rec.path, root / rec.mask_path if rec.mask_path else None, min_size_px)
+        (
+            root / rec.path,
+            root / rec.mask_path if rec.mask_path else None,
+            min_size_px,
+            str(cache_dir or ""),
+        )
         for rec in listed
     ]
     ok = []
@@ -192,7 +223,11 @@ def _check_mask(image: Path, mask: Path, shape: tuple[int, int]) -> None:
 
 
 def ingest_datasets(
-    datasets: Mapping[str, Mapping[str, Any]], *, min_size_px: int, n_workers: int = 1
+    datasets: Mapping[str, Mapping[str, Any]],
+    *,
+    min_size_px: int,
+    n_workers: int = 1,
+    cache_dir: str | Path | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Ingest several datasets into one manifest and one rejects table.
 
@@ -204,7 +239,7 @@ def ingest_datasets(
         :func:`leukflow.datasets.list_dataset`). The demo-only keys
         ``n_fields``, ``fields_per_patient`` and ``seed`` are ignored, so a
         validated config entry can be passed as it is.
-    min_size_px, n_workers : int
+    min_size_px, n_workers, cache_dir
         See :func:`ingest_images`.
 
     Returns
@@ -226,8 +261,9 @@ def ingest_datasets(
         records, listed_bad = list_dataset(spec["format"], spec["root"], **options)
         root = image_folder(spec["format"], spec["root"])
         manifest, bad = ingest_images(
-            records, dataset=name, root=root, min_size_px=min_size_px, n_workers=n_workers
-        )
+            records, dataset=name, root=root, min_size_px=min_size_px, n_workers=n_workers,
+            cache_dir=cache_dir,
+        )  # fmt: skip
         manifests.append(manifest)
         rejects += [bad, listed_bad.assign(dataset=name)[REJECT_COLUMNS]]
         if manifest["image_id"].duplicated().any():

@@ -42,5 +42,6 @@ rule ingest_images:
         datasets=DATASETS,
         min_size_px=config["ingest"]["min_size_px"],
         duplicate_max_distance=config["ingest"]["duplicate_max_distance"],
+        cache_dir=result("cache"),
     script:
         "../scripts/ingest_images.py"

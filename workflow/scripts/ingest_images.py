@@ -12,6 +12,7 @@ manifest, rejects = ingest_datasets(
     snakemake.params.datasets,
     min_size_px=snakemake.params.min_size_px,
     n_workers=snakemake.threads,
+    cache_dir=snakemake.params.cache_dir,
 )
 duplicates = find_duplicates(manifest, max_distance=snakemake.params.duplicate_max_distance)
 write_table(manifest, snakemake.output.manifest)
