@@ -17,8 +17,6 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 from skimage import color, filters, measure, morphology
-from sklearn.cluster import KMeans
-from sklearn.exceptions import ConvergenceWarning
 from threadpoolctl import threadpool_limits
 
 from leukflow.segment.masks import dice, iou, score_mask
@@ -163,6 +161,11 @@ def kmeans_clusters(
     fit = pixels
     if len(pixels) > max_fit_px:
         fit = pixels[np.sort(rng.choice(len(pixels), max_fit_px, replace=False))]
+    # scikit-learn is imported here, not at the top: the other methods do not
+    # need it, and it costs each segmentation job a second of start-up.
+    from sklearn.cluster import KMeans
+    from sklearn.exceptions import ConvergenceWarning
+
     # One image is a small problem: OpenMP threads cost more than they give (25x
     # slower on a busy 2-core machine), and parallelism comes from processes.
     with warnings.catch_warnings(), threadpool_limits(limits=1):
