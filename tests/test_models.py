@@ -1,4 +1,4 @@
-"""Tests of CNN encoders (leukflow.models) and embedding (leukflow.embed), tiny and on CPU."""
+"""Tests of the encoder backbones, their weights and the input transform (tiny, on CPU)."""
 
 import numpy as np
 import pytest
@@ -7,184 +7,210 @@ import torchvision
 from torch import nn
 
 from leukflow.embed import embed_crops
+from leukflow.hog import hog_dim, hog_features
 from leukflow.models import (
+    ARCHITECTURES,
+    KNOWN_ARCHS,
+    Encoder,
+    WeightsError,
     build_encoder,
     channel_stats,
-    load_encoder,
-    save_checkpoint,
+    resolve_weights,
+    save_weights,
     to_tensor,
-    train_encoder,
 )
+from leukflow.nets import SmallCNN, Xception
+from leukflow.train import train_encoder
 
 CPU = torch.device("cpu")
-N, S = 16, 32
-TRAIN = {"arch": "resnet18", "weights": "none", "batch_size": 8, "lr": 1e-3, "device": CPU}
 
 
-def _crops(n=N, size=S, seed=0):
-    """Half dark-purple crops ("ALL"), half pale ones ("HEM"), with seeded noise."""
-    rng = np.random.default_rng(seed)
-    base = np.where(np.arange(n)[:, None] % 2 == 0, [[90, 50, 130]], [[220, 180, 180]])
-    crops = base[:, None, None, :] + rng.normal(0, 20, (n, size, size, 3))
-    labels = ["ALL" if i % 2 == 0 else "HEM" for i in range(n)]
-    return np.clip(crops, 0, 255).astype(np.uint8), labels
-
-
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(autouse=True)
 def one_thread():
-    # Tiny tensors: OpenMP threads cost more than they give, and on a busy
-    # 2-core machine they make a training step 20-50x slower.
+    # Tiny tensors: OpenMP threads cost more than they give on a busy 2-core machine.
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def trained(one_thread):
-    crops, labels = _crops()
-    checkpoint, history = train_encoder(crops, labels, epochs=2, seed=0, **TRAIN)
-    return crops, labels, checkpoint, history
+def _crops(n, size, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-def _same_state(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+# ---------------------------------------------------------- every backbone
 
 
-# ------------------------------------------------------------------ train_encoder
-
-
-def test_train_encoder_checkpoint_and_history(trained):
-    crops, _, checkpoint, history = trained
-    assert set(checkpoint) == {"state_dict", "arch", "classes", "mean", "std", "input_size_px"}
-    assert checkpoint["arch"] == "resnet18"
-    assert checkpoint["classes"] == ["ALL", "HEM"]
-    assert checkpoint["input_size_px"] == S
-    mean, std = channel_stats(crops)
-    assert checkpoint["mean"] == pytest.approx(mean)
-    assert checkpoint["std"] == pytest.approx(std)
-    state = checkpoint["state_dict"]
-    assert state["fc.weight"].shape == (2, 512)
-    assert all(t.device.type == "cpu" for t in state.values())
-    assert list(history.columns) == ["epoch", "loss", "accuracy", "seconds"]
-    assert list(history["epoch"]) == [1, 2]
-    assert (history["loss"] > 0).all()
-    assert history["accuracy"].between(0, 1).all()
-    assert (history["seconds"] >= 0).all()
-
-
-def test_train_encoder_changes_the_weights(trained):
-    _, _, checkpoint, _ = trained
-    torch.manual_seed(0)
-    initial = build_encoder("resnet18", 2).state_dict()
-    assert not torch.equal(initial["conv1.weight"], checkpoint["state_dict"]["conv1.weight"])
-
-
-def test_train_encoder_same_seed_same_weights(trained):
-    crops, labels, checkpoint, history = trained
-    again, history_again = train_encoder(crops, labels, epochs=2, seed=0, **TRAIN)
-    assert _same_state(again["state_dict"], checkpoint["state_dict"])
-    np.testing.assert_array_equal(history_again["loss"], history["loss"])
-
-
-def test_train_encoder_other_seed_other_weights(trained):
-    crops, labels, checkpoint, _ = trained
-    other, _ = train_encoder(crops, labels, epochs=2, seed=1, **TRAIN)
-    assert other["state_dict"].keys() == checkpoint["state_dict"].keys()
-    assert not torch.equal(
-        other["state_dict"]["conv1.weight"], checkpoint["state_dict"]["conv1.weight"]
+@pytest.mark.parametrize("arch", KNOWN_ARCHS)
+def test_each_backbone_trains_one_step_and_embeds_with_its_dimension(arch):
+    size = 75 if arch == "inception_v3" else 32
+    crops = _crops(4, size)
+    checkpoint, history = train_encoder(
+        crops, ["ALL", "HEM"] * 2, arch=arch, epochs=1, batch_size=4, lr=1e-3, seed=0, device=CPU
     )
-    assert not torch.equal(other["state_dict"]["fc.weight"], checkpoint["state_dict"]["fc.weight"])
+    if arch == "hog":
+        model, dim = None, hog_dim(size)
+        assert len(history) == 0
+        assert not checkpoint["has_head"]
+    else:
+        dim = ARCHITECTURES[arch].dim
+        model = build_encoder(arch, 2, input_size_px=size)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(checkpoint["state_dict"])
+        assert history["epoch"].tolist() == [1]
+        changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+        assert any(k.startswith("backbone.") for k in changed)  # the step trained the body
+        assert checkpoint["state_dict"]["head.weight"].shape == (2, dim)
+    emb, probs = embed_crops(
+        model, crops, input_size_px=size, dim=dim, mean=checkpoint["mean"],
+        std=checkpoint["std"], with_probs=model is not None, device=CPU,
+    )  # fmt: skip
+    assert emb.shape == (4, dim)
+    assert emb.dtype == np.float32
+    assert np.isfinite(emb).all()
+    if model is not None:
+        assert probs.shape == (4, 2)
+        np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
 
 
-def test_train_encoder_learns_an_easy_task(trained):
-    # Dark purple vs pale crops: two epochs are enough to fit the training set.
-    _, _, _, history = trained
-    assert history["loss"].iloc[-1] < 0.5 * history["loss"].iloc[0]
-    assert history["accuracy"].iloc[-1] >= 0.9
+def test_inception_needs_75_px():
+    with pytest.raises(ValueError, match=r"inception_v3 needs inputs of at least 75 px; got"):
+        build_encoder("inception_v3", 2, input_size_px=64)
 
 
-def test_train_encoder_needs_two_classes():
-    crops, _ = _crops(n=4)
-    with pytest.raises(ValueError, match=r"need at least 2 classes.*\['ALL'\]"):
-        train_encoder(crops, ["ALL"] * 4, epochs=1, seed=0, **TRAIN)
+def test_unknown_arch_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown arch 'vgg11'; expected one of \[.*'xception'"):
+        build_encoder("vgg11", 2)
+    with pytest.raises(ValueError, match="unknown arch 'vgg11'"):
+        train_encoder(_crops(4, 32), ["a", "b"] * 2, arch="vgg11", epochs=1, batch_size=2,
+                      lr=1e-3, seed=0)  # fmt: skip
 
 
-def test_train_encoder_label_count_mismatch():
-    crops, labels = _crops(n=4)
-    with pytest.raises(ValueError, match="4 crops but 3 labels"):
-        train_encoder(crops, labels[:3], epochs=1, seed=0, **TRAIN)
-
-
-# ------------------------------------------------------------ checkpoints
-
-
-def test_save_and_load_round_trip(trained, tmp_path):
-    crops, _, checkpoint, _ = trained
-    path = tmp_path / "fold_0.pt"
-    save_checkpoint(checkpoint, path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fold_0.pt"]
-
-    raw = torch.load(path, map_location="cpu", weights_only=True)
-    assert {k: v for k, v in raw.items() if k != "state_dict"} == {
-        k: v for k, v in checkpoint.items() if k != "state_dict"
-    }
-    assert _same_state(raw["state_dict"], checkpoint["state_dict"])
-
-    model, loaded = load_encoder(path)
-    assert not model.training
-    assert loaded["classes"] == ["ALL", "HEM"]
-    reference = build_encoder("resnet18", 2)
-    reference.load_state_dict(checkpoint["state_dict"])
-    reference.eval()
-    x = to_tensor(crops[:4], checkpoint["mean"], checkpoint["std"])
+def test_encoder_embed_is_the_input_of_the_head():
+    model = build_encoder("resnet18", 3).eval()
+    x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
-        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
-        fresh = build_encoder("resnet18", 2).eval()
-        assert not torch.allclose(model(x), fresh(x))
+        features, logits = model.embed(x)
+        assert features.shape == (2, 512)
+        torch.testing.assert_close(model.head(features), logits)
+        torch.testing.assert_close(model(x), logits)
+    assert isinstance(model.backbone.fc, nn.Identity)
 
 
-# ---------------------------------------------------------------- build_encoder
+def test_small_cnn_is_s2s_layers():
+    net = SmallCNN(num_classes=3, input_size_px=64)
+    convs = [m.out_channels for m in net.modules() if isinstance(m, nn.Conv2d)]
+    dense = [m.out_features for m in net.modules() if isinstance(m, nn.Linear)]
+    assert convs == [32, 64]
+    assert dense == [196, 96, 3]
+    assert net.dense[1].in_features == 64 * 16 * 16
+    assert sum(isinstance(m, nn.MaxPool2d) for m in net.modules()) == 2
 
 
-def test_build_encoder_from_scratch():
-    model = build_encoder("resnet18", 3)
-    assert isinstance(model.fc, nn.Linear)
-    assert (model.fc.in_features, model.fc.out_features) == (512, 3)
+def test_xception_uses_separable_convolutions():
+    net = Xception(num_classes=2, middle_blocks=1)
+    depthwise = [m for m in net.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert len(depthwise) >= 10
+    assert all(m.groups == m.in_channels for m in depthwise)
+    assert net.eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 2)
+
+
+# ------------------------------------------------------------------- weights
+
+
+def test_weights_file_round_trip(tmp_path):
+    torch.manual_seed(1)
+    trained = build_encoder("resnet18", 2)
+    path = tmp_path / "mine.pth"
+    save_weights(trained, "resnet18", path)
+    torch.manual_seed(2)
+    again = build_encoder("resnet18", 5, weights=str(path))  # another class count: head ignored
+    x = torch.randn(2, 3, 32, 32)
+    trained.eval(), again.eval()
     with torch.inference_mode():
-        assert model.eval()(torch.zeros(2, 3, S, S)).shape == (2, 3)
+        torch.testing.assert_close(again.backbone(x), trained.backbone(x), rtol=0, atol=0)
+    assert again.head.out_features == 5
 
 
-def test_build_encoder_loads_a_local_weights_file(tmp_path):
+def test_a_torchvision_state_dict_loads_and_its_1000_class_head_is_ignored(tmp_path):
     torch.manual_seed(123)
-    source = torchvision.models.resnet18(weights=None)  # 1000-class head: must be ignored
-    path = tmp_path / "resnet18.pth"
+    source = torchvision.models.mobilenet_v3_small(weights=None)
+    path = tmp_path / "mnv3.pth"
     torch.save(source.state_dict(), path)
-    torch.manual_seed(0)
-    model = build_encoder("resnet18", 2, weights=str(path))
-    assert torch.equal(model.conv1.weight, source.conv1.weight)
-    assert torch.equal(model.layer4[1].conv2.weight, source.layer4[1].conv2.weight)
-    assert torch.equal(model.bn1.running_mean, source.bn1.running_mean)
-    assert model.fc.out_features == 2
-    scratch = build_encoder("resnet18", 2)
-    assert not torch.equal(scratch.conv1.weight, source.conv1.weight)
+    model = build_encoder("mobilenet_v3_small", 2, weights=str(path))
+    assert torch.equal(model.backbone.features[0][0].weight, source.features[0][0].weight)
+    assert torch.equal(model.backbone.classifier[0].weight, source.classifier[0].weight)
+    assert model.head.out_features == 2
 
 
-def test_build_encoder_missing_weights_file(tmp_path):
+def test_torchvision_densenet_keys_are_renamed(tmp_path):
+    source = torchvision.models.densenet121(weights=None)
+    old_style = {
+        k.replace("norm1", "norm.1").replace("conv1", "conv.1") if "denselayer" in k else k: v
+        for k, v in source.state_dict().items()
+        if not k.endswith("num_batches_tracked")  # older than torch 0.4.1, as the real file
+    }
+    assert any("norm.1" in k for k in old_style)
+    torch.save(old_style, tmp_path / "d.pth")
+    model = build_encoder("densenet121", 2, weights=str(tmp_path / "d.pth"))
+    layer = model.backbone.features.denseblock1.denselayer1
+    assert torch.equal(layer.conv1.weight, source.features.denseblock1.denselayer1.conv1.weight)
+
+
+def test_weights_of_another_architecture_fail_naming_the_keys(tmp_path):
+    path = tmp_path / "vgg.pth"
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), path)
+    with pytest.raises(WeightsError, match=r"does not fit resnet18: missing keys \[\]; "
+                       r"unexpected keys \[layer1\.2\.bn1\.bias.*more\)\]"):  # fmt: skip
+        build_encoder("resnet18", 2, weights=str(path))
+    small = tmp_path / "conv.pth"
+    torch.save(nn.Conv2d(3, 4, 3).state_dict(), small)
+    with pytest.raises(WeightsError, match=r"missing keys \[bn1\.bias, .*\]; unexpected keys "
+                       r"\[bias, weight\]"):  # fmt: skip
+        build_encoder("resnet18", 2, weights=str(small))
+
+
+def test_weights_with_wrong_shapes_and_not_a_state_dict(tmp_path):
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    state["conv1.weight"] = torch.zeros(64, 3, 3, 3)
+    torch.save(state, tmp_path / "shape.pth")
+    with pytest.raises(WeightsError, match=r"wrong shapes \[conv1\.weight \(64, 3, 3, 3\) != "):
+        build_encoder("resnet18", 2, weights=str(tmp_path / "shape.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="cannot be read as a state dict"):
+        build_encoder("resnet18", 2, weights=str(tmp_path / "junk.pth"))
+    torch.save([1, 2], tmp_path / "list.pth")
+    with pytest.raises(WeightsError, match="expected a state dict of tensors"):
+        build_encoder("resnet18", 2, weights=str(tmp_path / "list.pth"))
+
+
+def test_bad_weights_fail_before_any_training(tmp_path, monkeypatch):
+    torch.save(nn.Conv2d(3, 4, 3).state_dict(), tmp_path / "conv.pth")
+    monkeypatch.setattr(torch.optim, "Adam", None)  # training would crash differently
+    with pytest.raises(WeightsError, match="does not fit resnet18"):
+        train_encoder(_crops(4, 32), ["a", "b"] * 2, arch="resnet18", weights=str(tmp_path /
+                      "conv.pth"), epochs=1, batch_size=2, lr=1e-3, seed=0)  # fmt: skip
+
+
+def test_missing_weights_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"weights file .*nope\.pth does not exist"):
         build_encoder("resnet18", 2, weights=str(tmp_path / "nope.pth"))
 
 
-def test_build_encoder_weights_for_another_architecture(tmp_path):
-    path = tmp_path / "small.pth"
-    torch.save(nn.Conv2d(3, 4, 3).state_dict(), path)
-    with pytest.raises(ValueError, match="does not fit resnet18: missing"):
-        build_encoder("resnet18", 2, weights=str(path))
-
-
-def test_build_encoder_unknown_arch():
-    with pytest.raises(ValueError, match="unknown arch 'vgg11'"):
-        build_encoder("vgg11", 2)
+def test_torchvision_weights_come_from_the_hub_cache_only(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    expected = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    with pytest.raises(FileNotFoundError, match=f"expected {expected} in the torch hub cache"):
+        resolve_weights("resnet18", "torchvision")
+    expected.parent.mkdir(parents=True)
+    torch.manual_seed(5)
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), expected)
+    assert resolve_weights("resnet18", "torchvision") == expected
+    model = build_encoder("resnet18", 2, weights="torchvision")
+    assert torch.equal(model.backbone.conv1.weight, torch.load(expected)["conv1.weight"])
+    with pytest.raises(ValueError, match="torchvision has no weights for xception"):
+        resolve_weights("xception", "torchvision")
 
 
 # ----------------------------------------------------------------- tensors
@@ -205,45 +231,30 @@ def test_channel_stats_and_to_tensor():
     assert torch.allclose(x[:, 1], torch.zeros(2, 4, 4), atol=1e-5)
 
 
-# -------------------------------------------------------------------- embed_crops
+def test_to_tensor_resizes_to_the_input_size():
+    crops = np.full((3, 32, 32, 3), 128, dtype=np.uint8)
+    x = to_tensor(crops, [0.0] * 3, [1.0] * 3, input_size_px=80)
+    assert x.shape == (3, 3, 80, 80)
+    torch.testing.assert_close(x, torch.full_like(x, 128 / 255))
 
 
-def test_embed_crops_is_the_penultimate_layer(trained, tmp_path):
-    crops, _, checkpoint, _ = trained
-    save_checkpoint(checkpoint, tmp_path / "m.pt")
-    model, ck = load_encoder(tmp_path / "m.pt")
-    emb = embed_crops(model, crops, mean=ck["mean"], std=ck["std"], batch_size=5, device=CPU)
-    assert emb.shape == (N, 512)
-    assert emb.dtype == np.float32
-    assert isinstance(model.fc, nn.Linear)  # the model itself is left untouched
-
-    body = build_encoder("resnet18", 2)
-    body.load_state_dict(checkpoint["state_dict"])
-    body.fc = nn.Identity()
-    with torch.inference_mode():
-        manual = body.eval()(to_tensor(crops, ck["mean"], ck["std"])).numpy()
-    np.testing.assert_allclose(emb, manual, rtol=1e-5, atol=1e-5)
-    # The embedding feeds the classifier layer: fc(embedding) equals the model's logits.
-    with torch.inference_mode():
-        logits = model(to_tensor(crops, ck["mean"], ck["std"]))
-        torch.testing.assert_close(model.fc(torch.from_numpy(emb)), logits, rtol=1e-4, atol=1e-4)
+# --------------------------------------------------------------------- HOG
 
 
-def test_embed_crops_does_not_depend_on_batch_size(trained):
-    crops, _, checkpoint, _ = trained
-    model = build_encoder("resnet18", 2)
-    model.load_state_dict(checkpoint["state_dict"])
-    kw = {"mean": checkpoint["mean"], "std": checkpoint["std"], "device": CPU}
-    one = embed_crops(model, crops[:6], batch_size=1, **kw)
-    all_at_once = embed_crops(model, crops[:6], batch_size=64, **kw)
-    np.testing.assert_allclose(one, all_at_once, rtol=1e-5, atol=1e-5)
-    assert model.training  # embed_crops works on a copy; the caller's mode is kept
+def test_hog_features_match_skimage():
+    from skimage.color import rgb2gray
+    from skimage.feature import hog
+
+    crops = _crops(3, 32)
+    feats = hog_features(crops, input_size_px=32)
+    assert feats.shape == (3, hog_dim(32)) == (3, 324)  # 3x3 blocks of 2x2 cells x 9 bins
+    expected = hog(rgb2gray(crops[1]), pixels_per_cell=(8, 8), cells_per_block=(2, 2),
+                   block_norm="L2-Hys")  # fmt: skip
+    np.testing.assert_allclose(feats[1], expected, rtol=1e-5)
+    assert hog_features(crops, input_size_px=64).shape == (3, hog_dim(64))
+    with pytest.raises(ValueError, match="fewer than cells_per_block"):
+        hog_dim(8)
 
 
-def test_embed_crops_empty():
-    model = build_encoder("resnet18", 2)
-    emb = embed_crops(
-        model, np.zeros((0, S, S, 3), np.uint8), mean=[0.5] * 3, std=[0.2] * 3, device=CPU
-    )
-    assert emb.shape == (0, 512)
-    assert emb.dtype == np.float32
+def test_encoder_class_is_a_module():
+    assert issubclass(Encoder, nn.Module)

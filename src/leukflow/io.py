@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import warnings
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -327,13 +327,114 @@ def read_crops(path: str | Path) -> np.ndarray:
 # ---------------------------------------------------------- embedding stores
 
 
+class EmbeddingStoreWriter:
+    """The one writer of an embedding store: float32 ``(n_rois, dim)`` arrays in a zarr v3 group.
+
+    Arrays are filled row block by row block (never whole in memory), chunked
+    along rows and compressed (zstd). The group is built under a temporary
+    name and renamed onto ``path`` by :meth:`close`, so a store under its
+    final name is always complete.
+
+    Parameters
+    ----------
+    path : str or Path
+        Store directory (``.zarr``).
+    attrs : mapping
+        JSON-serialisable group attributes.
+    """
+
+    def __init__(self, path: str | Path, attrs: Mapping[str, Any]):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
+        self.group = zarr.open_group(str(self._tmp / self.path.name), mode="w", zarr_format=3)
+        self.group.attrs.update(dict(attrs))
+        self.arrays: dict[str, RowAppender] = {}
+
+    def add_array(self, name: str, dim: int, attrs: Mapping[str, Any]) -> RowAppender:
+        """Create an empty ``(0, dim)`` float32 array; rows are added with ``append``.
+
+        ``name`` may sit in a sub-group: ``probs/fold_0``.
+        """
+        if name in self.arrays:
+            raise ValueError(f"EmbeddingStoreWriter: array {name!r} already exists")
+        rows = max(256, (1 << 20) // max(dim, 1))  # about 4 MiB per chunk
+        parent, _, leaf = name.rpartition("/")
+        group = self.group.require_group(parent) if parent else self.group
+        array = group.create_array(
+            leaf,
+            shape=(0, dim),
+            chunks=(rows, dim),
+            dtype="float32",
+            compressors=zarr.codecs.ZstdCodec(level=3),
+            attributes=dict(attrs),
+        )
+        self.arrays[name] = RowAppender(array)
+        return self.arrays[name]
+
+    def close(self) -> None:
+        """Write buffered rows and move the store onto its final name."""
+        for appender in self.arrays.values():
+            appender.flush()
+        if self.path.is_dir():
+            shutil.rmtree(self.path)
+        os.replace(self._tmp / self.path.name, self.path)
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def abort(self) -> None:
+        """Drop the unfinished store."""
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> EmbeddingStoreWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class RowAppender:
+    """Append rows to a 2-D zarr array a whole chunk at a time."""
+
+    def __init__(self, array: zarr.Array):
+        self.array = array
+        self.n_rows = 0
+        self._pending: list[np.ndarray] = []
+        self._n_pending = 0
+
+    def append(self, rows: np.ndarray) -> None:
+        """Add ``(n, dim)`` rows (cast to float32) after those already written."""
+        rows = np.asarray(rows, dtype=np.float32)
+        if rows.ndim != 2 or rows.shape[1] != self.array.shape[1]:
+            raise ValueError(
+                f"append to {self.array.name}: expected (n, {self.array.shape[1]}) rows; "
+                f"got {rows.shape}"
+            )
+        self._pending.append(rows)
+        self._n_pending += len(rows)
+        if self._n_pending >= self.array.chunks[0]:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every buffered row."""
+        if not self._n_pending:
+            return
+        block = np.concatenate(self._pending)
+        self.array.resize((self.n_rows + len(block), self.array.shape[1]))
+        self.array[self.n_rows :] = block
+        self.n_rows += len(block)
+        self._pending, self._n_pending = [], 0
+
+
 def write_embeddings(
     arrays: Mapping[str, np.ndarray],
     path: str | Path,
     attrs: Mapping[str, Any],
     array_attrs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> None:
-    """Write one float32 ``(n_rois, dim)`` array per fold into a zarr v3 group.
+    """Write in-memory ``(n_rois, dim)`` arrays as one store (see :class:`EmbeddingStoreWriter`).
 
     Parameters
     ----------
@@ -346,22 +447,12 @@ def write_embeddings(
     array_attrs : mapping, optional
         Array name -> its own attributes (weights hash, normalisation...).
     """
-    with atomic_path(path) as tmp:
-        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        group.attrs.update(dict(attrs))
+    with EmbeddingStoreWriter(path, attrs) as store:
         for name, emb in arrays.items():
             emb = np.asarray(emb, dtype=np.float32)
             if emb.ndim != 2:
                 raise ValueError(f"write_embeddings: {name} must be 2-D; got {emb.shape}")
-            arr = group.create_array(
-                name,
-                shape=emb.shape,
-                chunks=(4096, emb.shape[1]),
-                dtype="float32",
-                attributes=dict((array_attrs or {}).get(name, {})),
-            )
-            if len(emb):
-                arr[:] = emb
+            store.add_array(name, emb.shape[1], (array_attrs or {}).get(name, {})).append(emb)
 
 
 def open_embeddings(path: str | Path) -> dict[str, zarr.Array]:
@@ -371,3 +462,37 @@ def open_embeddings(path: str | Path) -> dict[str, zarr.Array]:
         # Snakemake marks directory outputs with a .snakemake_timestamp file.
         warnings.filterwarnings("ignore", message=".*snakemake_timestamp")
         return dict(group.arrays())
+
+
+def open_probabilities(path: str | Path) -> dict[str, zarr.Array]:
+    """Open the head probabilities of a store: array name -> ``(n_rois, n_classes)`` array.
+
+    Empty when the encoder has no trained head (``frozen``, ``hog``); columns
+    follow each array's ``classes`` attribute.
+    """
+    group = zarr.open_group(str(path), mode="r")
+    if "probs" not in group:
+        return {}
+    return dict(group["probs"].arrays())
+
+
+def embeddings_attrs(path: str | Path) -> dict[str, Any]:
+    """Return the group attributes of an embedding store (architecture, training, leaky...)."""
+    return dict(zarr.open_group(str(path), mode="r").attrs)
+
+
+def fold_embeddings(path: str | Path, folds: Sequence[int]) -> dict[int, zarr.Array]:
+    """Each fold's embedding array: ``fold_<k>``, or the shared ``all`` array for every fold.
+
+    Stores of encoders trained once (``all_labels``) or not at all
+    (``frozen``) hold one ``all`` array that serves every fold.
+    """
+    arrays = open_embeddings(path)
+    if "all" in arrays:
+        return dict.fromkeys(folds, arrays["all"])
+    missing = [k for k in folds if f"fold_{k}" not in arrays]
+    if missing:
+        raise InvalidInputError(
+            "missing_fold", f"{path}: no embeddings for folds {missing}; has {sorted(arrays)}"
+        )
+    return {k: arrays[f"fold_{k}"] for k in folds}

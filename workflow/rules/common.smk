@@ -84,6 +84,9 @@ def segment_batches(name):
 
 
 def fold_checkpoints(wildcards):
+    """fold_<k>.pt per fold, or the one all.pt of an encoder shared by every fold."""
+    if ENCODERS[wildcards.encoder]["training"] in ("all_labels", "frozen"):
+        return [result(f"train/{wildcards.dataset}/{wildcards.encoder}/all.pt")]
     return expand(
         result("train/{dataset}/{encoder}/fold_{fold}.pt"),
         dataset=wildcards.dataset,

@@ -19,5 +19,7 @@ rule embed_rois:
     resources:
         **gpu_resources(),
         mem_mb=attempt_mem_mb(4000),
+    params:
+        batch_size=lambda wc: ENCODERS[wc.encoder]["embed_batch_size"],
     script:
         "../scripts/embed_rois.py"

@@ -1,4 +1,6 @@
-# Train: one encoder per dataset x encoder x fold, on that fold's training ROIs only.
+# Train: one encoder per dataset x encoder x fold, on that fold's training ROIs
+# only (fold_<k>.pt); encoders trained on every ROI (all_labels) or not at all
+# (frozen) are made once per dataset (all.pt) and serve every fold.
 
 
 rule train_encoder:
@@ -7,12 +9,14 @@ rule train_encoder:
         crops=result("segment/{dataset}/crops.zarr"),
         folds=result("folds.csv"),
     output:
-        checkpoint=result("train/{dataset}/{encoder}/fold_{fold}.pt"),
-        history=result("train/{dataset}/{encoder}/fold_{fold}_history.csv"),
+        checkpoint=result("train/{dataset}/{encoder}/{part}.pt"),
+        history=result("train/{dataset}/{encoder}/{part}_history.csv"),
     log:
-        logfile("train/{dataset}/{encoder}/fold_{fold}.log"),
+        logfile("train/{dataset}/{encoder}/{part}.log"),
     benchmark:
-        benchfile("train/{dataset}/{encoder}/fold_{fold}.tsv")
+        benchfile("train/{dataset}/{encoder}/{part}.tsv")
+    wildcard_constraints:
+        part=r"fold_\d+|all",
     conda:
         "../../envs/leukflow.yaml"
     threads: 2
@@ -21,5 +25,9 @@ rule train_encoder:
         mem_mb=attempt_mem_mb(4000),
     params:
         encoder=lambda wc: ENCODERS[wc.encoder],
+        # the state after each epoch: a killed job resumes from it
+        resume_dir=lambda wc: result(
+            f"train/{wc.dataset}/{wc.encoder}/{wc.part}.resume"
+        ),
     script:
         "../scripts/train_encoder.py"

@@ -3,31 +3,27 @@
 import torch
 
 import leukflow
-from leukflow.embed import embed_crops
-from leukflow.io import read_crops, read_table, sha256_file, write_embeddings, write_table
-from leukflow.models import load_encoder, pick_device
+from leukflow.embed import embed_rois
+from leukflow.io import read_table, write_table
+from leukflow.models import pick_device
 from leukflow.runlog import start_log
 
-torch.set_num_threads(snakemake.threads)
-log = start_log("embed_rois", snakemake.log[0], {"device": pick_device()})
+device = pick_device()
+# CPU: the forward pass needs every thread and decoding small crops is cheap, so no
+# loader workers (one cost a 2-thread job half its speed); CUDA: every other thread decodes.
+workers = snakemake.threads - 1 if device.type == "cuda" else 0
+torch.set_num_threads(max(1, snakemake.threads - workers))
+log = start_log("embed_rois", snakemake.log[0], {"device": device, "workers": workers})
 rois = read_table(snakemake.input.rois)
-crops = read_crops(snakemake.input.crops)
-arrays, array_attrs = {}, {}
-for fold, path in enumerate(snakemake.input.checkpoints):
-    model, ckpt = load_encoder(path)
-    name = f"fold_{fold}"
-    arrays[name] = embed_crops(model, crops, mean=ckpt["mean"], std=ckpt["std"])
-    array_attrs[name] = {
-        "weights_sha256": sha256_file(path),
-        "normalisation": {"mean": ckpt["mean"], "std": ckpt["std"]},
-        "classes": ckpt["classes"],
-    }
-attrs = {
-    "architecture": ckpt["arch"],
-    "input_size_px": ckpt["input_size_px"],
-    "training": "per_fold",
-    "leukflow_version": leukflow.__version__,
-}
-write_embeddings(arrays, snakemake.output.store, attrs, array_attrs)
+attrs = embed_rois(
+    snakemake.input.checkpoints,
+    snakemake.input.crops,
+    snakemake.output.store,
+    leukflow_version=leukflow.__version__,
+    batch_size=snakemake.params.batch_size,
+    num_workers=workers,
+    device=device,
+)
 write_table(rois[["roi_id", "image_id"]], snakemake.output.ids)
-log.info("embedded %d ROIs with %d fold encoders", len(rois), len(arrays))
+log.info("embedded %d ROIs with %d encoders: %s", len(rois), len(snakemake.input.checkpoints),
+         attrs)  # fmt: skip

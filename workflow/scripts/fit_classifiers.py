@@ -4,7 +4,7 @@ from pathlib import Path
 
 from leukflow.evaluate import evaluate_embeddings, save_model
 from leukflow.folds import label_rois
-from leukflow.io import open_embeddings, read_table, write_table
+from leukflow.io import embeddings_attrs, fold_embeddings, read_table, write_table
 from leukflow.report import PLOTTERS
 from leukflow.runlog import start_log
 
@@ -13,10 +13,12 @@ dataset, encoder = snakemake.wildcards.dataset, snakemake.wildcards.encoder
 log = start_log("fit_classifiers", snakemake.log[0], dict(p))
 folds = read_table(snakemake.input.folds)
 folds = folds[folds["dataset"] == dataset]
+# an encoder trained on every ROI (training: all_labels) makes every result leaky
+folds = folds.assign(leaky=folds["leaky"] | embeddings_attrs(snakemake.input.store)["leaky"])
 rois = label_rois(read_table(snakemake.input.ids), folds)
-arrays = open_embeddings(snakemake.input.store)
+arrays = fold_embeddings(snakemake.input.store, [int(k) for k in sorted(folds["fold"].unique())])
 result = evaluate_embeddings(
-    {int(name.removeprefix("fold_")): arr[:] for name, arr in arrays.items()},
+    {fold: arr[:] for fold, arr in arrays.items()},
     rois,
     folds,
     classifiers=p.classifiers,

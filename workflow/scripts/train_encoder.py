@@ -1,28 +1,40 @@
-"""Rule train_encoder: train one encoder on one fold's training ROIs."""
+"""Rule train_encoder: train one encoder on one fold's training ROIs (or all.pt: once)."""
 
 import torch
 
 from leukflow.folds import label_rois
 from leukflow.io import read_crops, read_table, write_table
-from leukflow.models import pick_device, save_checkpoint, train_encoder
+from leukflow.models import pick_device, save_checkpoint
 from leukflow.runlog import start_log
+from leukflow.train import train_fold
 
 enc = snakemake.params.encoder
-fold = int(snakemake.wildcards.fold)
+part = snakemake.wildcards.part  # fold_<k>, or all for an encoder shared by every fold
 torch.set_num_threads(snakemake.threads)
-log = start_log("train_encoder", snakemake.log[0], {**enc, "fold": fold, "device": pick_device()})
-rois = label_rois(read_table(snakemake.input.rois), read_table(snakemake.input.folds))
-train = (rois["fold"] != fold).to_numpy()
-checkpoint, history = train_encoder(
-    read_crops(snakemake.input.crops)[train],
-    rois.loc[train, "label"].tolist(),
+log = start_log("train_encoder", snakemake.log[0], {**enc, "part": part, "device": pick_device()})
+folds = read_table(snakemake.input.folds)
+rois = label_rois(read_table(snakemake.input.rois), folds)
+rois = rois.merge(folds[["image_id", "group"]], on="image_id", how="left")
+checkpoint, history = train_fold(
+    rois,
+    read_crops(snakemake.input.crops),
+    fold=None if part == "all" else int(part.removeprefix("fold_")),
+    training=enc["training"],
     arch=enc["arch"],
     weights=enc["weights"],
+    input_size_px=enc["input_size_px"] or None,
+    normalisation=enc["normalisation"],
     epochs=enc["epochs"],
     batch_size=enc["batch_size"],
     lr=enc["lr"],
+    weight_decay=enc["weight_decay"],
+    val_fraction=enc["val_fraction"],
+    patience=enc["patience"],
     seed=enc["seed"],
+    resume_dir=snakemake.params.resume_dir,
 )
 save_checkpoint(checkpoint, snakemake.output.checkpoint)
-write_table(history.assign(fold=fold), snakemake.output.history)
-log.info("trained on %d ROIs; final training loss %.4f", train.sum(), history["loss"].iloc[-1])
+write_table(history.assign(part=part), snakemake.output.history)
+log.info("trained on %d ROIs (%d held out for early stopping); best epoch %d",
+         len(checkpoint["train_roi_ids"]), len(checkpoint["val_roi_ids"]),
+         checkpoint["best_epoch"])  # fmt: skip

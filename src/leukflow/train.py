@@ -1,0 +1,544 @@
+"""Train: one encoder on one fold's training ROIs (or on every ROI, or not at all).
+
+Training modes (``training``):
+
+``per_fold``
+    Honest: trained on the fold's training ROIs only; cross-entropy, Adam at a
+    constant learning rate (S0), flips and 90-degree rotations.
+``s1``
+    Honest, with S1's recipe: 2 epochs of the head alone, then every layer with
+    discriminative learning rates (``lr/100``, ``lr/10``, ``lr`` from the first
+    layers to the head), each phase on a one-cycle schedule peaking at ``lr``;
+    Adam betas (0.9, 0.99); crops, rotations, flips, shear, brightness and
+    contrast. S1 as published uses ``lr`` 1e-3 and batches of 64.
+``all_labels``
+    S0 as published, leaky: trained once on every ROI, test folds included.
+``frozen``
+    No training: the weights as loaded (``weights`` should then be pretrained).
+
+Early stopping watches the loss on an inner validation split of the training
+ROIs, grouped by patient (never the test fold). A training killed part way
+resumes from the state saved after each epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.model_selection import GroupShuffleSplit
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from leukflow.hog import hog_dim
+from leukflow.io import atomic_path, sha256_file
+from leukflow.models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Encoder,
+    build_encoder,
+    channel_stats,
+    check_arch,
+    normalise,
+    pick_device,
+    resolve_weights,
+    to_unit,
+)
+
+log = logging.getLogger(__name__)
+
+TRAINING_MODES = ("per_fold", "s1", "all_labels", "frozen")
+#: Modes whose encoder is trained on every ROI or on none: one encoder for all folds.
+SHARED_MODES = ("all_labels", "frozen")
+S1_HEAD_EPOCHS = 2
+S1_BETAS = (0.9, 0.99)
+HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
+
+
+def training_rows(folds: np.ndarray, *, fold: int | None, training: str) -> np.ndarray:
+    """Which ROIs an encoder may train on.
+
+    Parameters
+    ----------
+    folds : numpy.ndarray
+        Test fold of each ROI.
+    fold : int or None
+        The fold being tested (``None`` for the shared modes).
+    training : str
+        One of :data:`TRAINING_MODES`.
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean mask: every ROI outside ``fold`` for ``per_fold`` and ``s1``,
+        every ROI for ``all_labels`` and ``frozen`` (frozen uses them only for
+        the label-free normalisation statistics).
+    """
+    if training not in TRAINING_MODES:
+        raise ValueError(f"training: expected one of {TRAINING_MODES}; got {training!r}")
+    folds = np.asarray(folds)
+    if training in SHARED_MODES:
+        return np.ones(len(folds), dtype=bool)
+    if fold is None:
+        raise ValueError(f"training {training!r} trains per fold: give the fold")
+    if not (folds == fold).any():
+        raise ValueError(f"training_rows: no ROI is in test fold {fold}")
+    return folds != fold
+
+
+def inner_split(
+    labels: Sequence[str], groups: Sequence[str], *, val_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split training ROIs into fit and validation parts by whole groups (patients).
+
+    Returns all rows and no validation rows (with a warning) when
+    ``val_fraction`` is 0, there are fewer than 2 groups, or the fit part
+    would lose a class.
+    """
+    n = len(labels)
+    everything = (np.arange(n), np.arange(0))
+    if val_fraction <= 0:
+        return everything
+    groups = np.asarray(groups)
+    if len(np.unique(groups)) < 2:
+        log.warning("inner_split: fewer than 2 patient groups; no early stopping")
+        return everything
+    split = GroupShuffleSplit(n_splits=1, test_size=val_fraction, random_state=seed)
+    fit, val = next(split.split(np.zeros(n), groups=groups))
+    if len(val) == 0 or set(np.asarray(labels)[fit]) != set(labels):
+        log.warning("inner_split: the validation split would remove a class; no early stopping")
+        return everything
+    return np.sort(fit), np.sort(val)
+
+
+# --------------------------------------------------------------- augmentation
+
+
+def flip_rotate(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random flips and 90-degree rotations of a ``(B, C, H, W)`` batch (cells have no up)."""
+    if torch.rand(1, generator=gen).item() < 0.5:
+        x = x.flip(3)
+    if torch.rand(1, generator=gen).item() < 0.5:
+        x = x.flip(2)
+    return torch.rot90(x, int(torch.randint(4, (1,), generator=gen)), dims=(2, 3))
+
+
+def s1_augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """S1's augmentations per image of a ``(B, 3, H, W)`` batch in [0, 1].
+
+    Rotation up to 10 degrees, shear up to 0.1, zoom (crop) up to 1.1x with a
+    shift of up to 5%, horizontal and vertical flips, brightness +-0.2 and
+    contrast x0.8-1.25; reflected borders.
+    """
+    b = len(x)
+
+    def uniform(lo: float, hi: float) -> torch.Tensor:
+        return torch.rand(b, generator=gen) * (hi - lo) + lo
+
+    angle = uniform(-math.pi / 18, math.pi / 18)
+    shear = uniform(-0.1, 0.1)
+    zoom = uniform(1.0, 1.1)
+    flip_h = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0)
+    flip_v = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0)
+    shift = torch.stack([uniform(-0.05, 0.05), uniform(-0.05, 0.05)], 1)
+    brightness = uniform(-0.2, 0.2)
+    contrast = torch.exp(uniform(math.log(0.8), math.log(1.25)))
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    rotation = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1)
+    shearing = torch.eye(2).repeat(b, 1, 1)
+    shearing[:, 0, 1] = shear
+    scale = torch.diag_embed(torch.stack([flip_h, flip_v], 1) / zoom[:, None])
+    theta = torch.cat([rotation @ shearing @ scale, shift[:, :, None]], 2).to(x)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * contrast.to(x).view(b, 1, 1, 1) + mean + brightness.to(x).view(b, 1, 1, 1)
+    return x.clamp(0.0, 1.0)
+
+
+def one_cycle_lr(step: int, total: int, max_lr: float) -> float:
+    """One-cycle rate: cosine from max/25 to max over 25% of the steps, then to max/25e4."""
+    warm = max(1, round(0.25 * total))
+
+    def anneal(start: float, end: float, t: float) -> float:
+        return end + (start - end) * (1 + math.cos(math.pi * min(t, 1.0))) / 2
+
+    if step < warm:
+        return anneal(max_lr / 25, max_lr, step / warm)
+    return anneal(max_lr, max_lr / 25e4, (step - warm) / max(1, total - warm - 1))
+
+
+# ------------------------------------------------------------------- resuming
+
+
+def _fingerprint(crops: np.ndarray, labels: Sequence[str], params: dict) -> str:
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode())
+    digest.update("\0".join(map(str, labels)).encode())
+    digest.update(np.ascontiguousarray(crops).data)
+    return digest.hexdigest()
+
+
+def _save_state(state: dict, resume_dir: Path) -> None:
+    """Keep the previous state as ``prev.pt``, write the new one atomically as ``last.pt``."""
+    resume_dir.mkdir(parents=True, exist_ok=True)
+    last, prev = resume_dir / "last.pt", resume_dir / "prev.pt"
+    if last.is_file():
+        os.replace(last, prev)
+    with atomic_path(last) as tmp:
+        torch.save(state, tmp)
+
+
+_STATE_KEYS = {"fingerprint", "epoch", "phase", "model", "optimizer", "gen", "torch_rng",
+               "best", "best_loss", "best_epoch", "bad_epochs", "history", "stopped"}  # fmt: skip
+
+
+def _load_state(resume_dir: Path, fingerprint: str) -> dict | None:
+    """Return the newest readable state of this very training, or ``None``."""
+    for name in ("last.pt", "prev.pt"):
+        path = resume_dir / name
+        if not path.is_file():
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or not _STATE_KEYS <= state.keys():
+                raise ValueError("not a leukflow training state")
+        except Exception as err:  # a damaged file raises anything from zip to unpickling errors
+            log.error("resume checkpoint %s is corrupt (%s); trying an older one", path, err)
+            continue
+        if state["fingerprint"] != fingerprint:
+            log.warning("resume checkpoint %s belongs to other data or settings; ignored", path)
+            return None
+        log.info("resuming from %s after epoch %d", path, state["epoch"])
+        return state
+    return None
+
+
+# ------------------------------------------------------------------- training
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def _param_groups(model: Encoder, phase: int, lr: float, weight_decay: float) -> list[dict]:
+    """Head only (phase 0) or three groups with discriminative rates (phase 1)."""
+    head = list(model.head.parameters())
+    if phase == 0:
+        return [{"params": head, "lr": lr, "lr_scale": 1.0, "weight_decay": weight_decay}]
+    body = list(model.backbone.parameters())
+    half = len(body) // 2
+    return [
+        {"params": body[:half], "lr": lr / 100, "lr_scale": 0.01, "weight_decay": weight_decay},
+        {"params": body[half:], "lr": lr / 10, "lr_scale": 0.1, "weight_decay": weight_decay},
+        {"params": head, "lr": lr, "lr_scale": 1.0, "weight_decay": weight_decay},
+    ]
+
+
+def _evaluate(
+    model: nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, idx: np.ndarray, prep, bs: int
+) -> tuple[float, float]:
+    if len(idx) == 0:
+        return math.nan, math.nan
+    model.eval()
+    total, correct = 0.0, 0
+    with torch.inference_mode():
+        for i in range(0, len(idx), bs):
+            j = torch.from_numpy(idx[i : i + bs])
+            logits = model(prep(x_all[j])).float()
+            y = y_all[j].to(logits.device)
+            total += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+    return total / len(idx), correct / len(idx)
+
+
+def train_encoder(
+    crops: np.ndarray,
+    labels: Sequence[str],
+    *,
+    arch: str,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    weights: str = "none",
+    training: str = "per_fold",
+    groups: Sequence[str] | None = None,
+    roi_ids: Sequence[str] | None = None,
+    input_size_px: int | None = None,
+    normalisation: str = "dataset",
+    weight_decay: float = 0.0,
+    val_fraction: float = 0.0,
+    patience: int = 0,
+    device: torch.device | None = None,
+    resume_dir: str | Path | None = None,
+) -> tuple[dict, pd.DataFrame]:
+    """Train an encoder on the crops it is given (select them with :func:`training_rows`).
+
+    Parameters
+    ----------
+    crops : numpy.ndarray
+        ``(n, S, S, 3)`` uint8 training crops.
+    labels : sequence of str
+        One label per crop.
+    arch, weights : str
+        See :func:`leukflow.models.build_encoder`; ``arch="hog"`` has nothing
+        to train and returns its parameters.
+    epochs, batch_size : int
+        Most epochs (early stopping may end sooner) and mini-batch size.
+    lr : float
+        Adam learning rate (``s1``: the one-cycle maximum).
+    seed : int
+        Seeds initialisation, inner split, batch order, augmentation, dropout.
+    training : str
+        One of :data:`TRAINING_MODES`.
+    groups : sequence of str, optional
+        Patient group per crop, for the inner validation split (default: one
+        group per crop).
+    roi_ids : sequence of str, optional
+        Recorded in the checkpoint (``train_roi_ids``, ``val_roi_ids``).
+    input_size_px : int, optional
+        Side the network sees (crops are resized); default the crops' side.
+    normalisation : str
+        ``dataset`` (channel statistics of these crops) or ``imagenet``.
+    weight_decay : float
+        L2 penalty (S2).
+    val_fraction : float
+        Share of patient groups held out for early stopping (0: none).
+    patience : int
+        Epochs without a lower validation loss before stopping (0: never stop);
+        the weights of the best epoch are kept.
+    device : torch.device, optional
+        Defaults to :func:`leukflow.models.pick_device`.
+    resume_dir : str or Path, optional
+        Where the state after each epoch is kept (removed once training ends);
+        a training of the same crops and settings resumes from it.
+
+    Returns
+    -------
+    checkpoint : dict
+        ``state_dict``, ``arch``, ``classes``, ``mean``, ``std``,
+        ``input_size_px``, ``training``, ``has_head``, ``weights``,
+        ``weights_sha256`` (of the initial weights file, "" for none),
+        ``normalisation``, ``best_epoch``, ``train_roi_ids``, ``val_roi_ids``
+        (tensors, numbers, lists and strings: loadable with weights_only).
+    history : pandas.DataFrame
+        One row per epoch: :data:`HISTORY_COLUMNS`.
+    """
+    if len(crops) != len(labels):
+        raise ValueError(f"train_encoder: {len(crops)} crops but {len(labels)} labels")
+    if training not in TRAINING_MODES:
+        raise ValueError(f"training: expected one of {TRAINING_MODES}; got {training!r}")
+    if normalisation not in ("dataset", "imagenet"):
+        raise ValueError(f"normalisation: expected dataset or imagenet; got {normalisation!r}")
+    size = int(input_size_px or crops.shape[1])
+    check_arch(arch, size)
+    labels = [str(v) for v in labels]
+    roi_ids = [str(r) for r in (roi_ids if roi_ids is not None else range(len(crops)))]
+    classes = sorted(set(labels))
+    if training != "frozen" and arch != "hog" and len(classes) < 2:
+        raise ValueError(
+            f"train_encoder: need at least 2 classes in the training part; got {classes}"
+        )
+    if normalisation == "dataset":
+        mean, std = channel_stats(crops)
+    else:
+        mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+    weights_path = resolve_weights(arch, weights) if arch != "hog" else None
+    checkpoint = {
+        "arch": arch,
+        "classes": classes,
+        "mean": mean,
+        "std": std,
+        "input_size_px": size,
+        "training": training,
+        "normalisation": normalisation,
+        "weights": weights,
+        "weights_sha256": sha256_file(weights_path) if weights_path else "",
+        "has_head": training != "frozen" and arch != "hog",
+        "best_epoch": 0,
+        "train_roi_ids": roi_ids,
+        "val_roi_ids": [],
+        "state_dict": {},
+    }
+    if arch == "hog":
+        checkpoint["dim"] = hog_dim(size)
+        return checkpoint, pd.DataFrame(columns=HISTORY_COLUMNS)
+    device = device or pick_device()
+    torch.manual_seed(seed)
+    model = build_encoder(arch, max(len(classes), 1), weights, input_size_px=size).to(device)
+    if training == "frozen":
+        checkpoint["state_dict"] = _cpu_state(model)
+        return checkpoint, pd.DataFrame(columns=HISTORY_COLUMNS)
+
+    fit, val = inner_split(
+        labels,
+        groups if groups is not None else roi_ids,
+        val_fraction=val_fraction,
+        seed=seed,
+    )
+    checkpoint["train_roi_ids"] = [roi_ids[i] for i in fit]
+    checkpoint["val_roi_ids"] = [roi_ids[i] for i in val]
+    cuda = device.type == "cuda"
+    x_all = torch.from_numpy(np.ascontiguousarray(crops))
+    if cuda:
+        x_all = x_all.pin_memory()
+        model = model.to(memory_format=torch.channels_last)
+    y_all = torch.tensor([classes.index(v) for v in labels])
+
+    def prep(batch: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        x = to_unit(batch.to(device, non_blocking=True), size)
+        if gen is not None:
+            x = s1_augment(x, gen) if training == "s1" else flip_rotate(x, gen)
+        x = normalise(x, mean, std)
+        return x.contiguous(memory_format=torch.channels_last) if cuda else x
+
+    s1 = training == "s1"
+    params = {"arch": arch, "weights": weights, "training": training, "size": size,
+              "normalisation": normalisation, "epochs": epochs, "batch_size": batch_size,
+              "lr": lr, "weight_decay": weight_decay, "seed": seed,
+              "val_fraction": val_fraction, "patience": patience, "ids": roi_ids}  # fmt: skip
+    resume_dir = Path(resume_dir) if resume_dir is not None else None
+    fingerprint = _fingerprint(crops, labels, params) if resume_dir else ""
+    gen = torch.Generator().manual_seed(seed)
+    state = _load_state(resume_dir, fingerprint) if resume_dir else None
+    history: dict[str, list] = {c: [] for c in HISTORY_COLUMNS}
+    best, best_loss, best_epoch, bad, start, stopped = None, math.inf, 0, 0, 0, False
+    opt_state, opt_phase = None, -1
+    if state is not None:
+        model.load_state_dict(state["model"])
+        gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        best = state["best"] or None
+        best_loss, best_epoch, bad = state["best_loss"], state["best_epoch"], state["bad_epochs"]
+        history, start, stopped = state["history"], state["epoch"], state["stopped"]
+        opt_state, opt_phase = state["optimizer"], state["phase"]
+
+    n_fit = len(fit)
+    steps = sum(1 for i in range(0, n_fit, batch_size) if min(batch_size, n_fit - i) >= 2)
+    loss_fn = nn.CrossEntropyLoss()
+    optimizer, phase = None, -1
+    for epoch in tqdm(range(start, 0 if stopped else epochs), desc=f"train {arch}", leave=False):
+        new_phase = 0 if s1 and epoch < S1_HEAD_EPOCHS else 1
+        if new_phase != phase:
+            phase = new_phase
+            for p in model.backbone.parameters():
+                p.requires_grad_(phase == 1)
+            optimizer = torch.optim.Adam(
+                _param_groups(model, phase if s1 else 1, lr, weight_decay)
+                if s1
+                else [{"params": list(model.parameters()), "lr_scale": 1.0}],
+                lr=lr,
+                betas=S1_BETAS if s1 else (0.9, 0.999),
+                weight_decay=weight_decay,
+            )
+            if opt_state is not None and opt_phase == phase:
+                optimizer.load_state_dict(opt_state)
+        phase_start = S1_HEAD_EPOCHS if s1 and phase == 1 else 0
+        phase_epochs = min(epochs, S1_HEAD_EPOCHS) if phase == 0 else epochs - phase_start
+        model.train()
+        begin, total, correct, seen, step = time.perf_counter(), 0.0, 0, 0, 0
+        order = fit[torch.randperm(n_fit, generator=gen).numpy()]
+        for i in range(0, n_fit, batch_size):
+            idx = torch.from_numpy(order[i : i + batch_size])
+            if len(idx) < 2:  # batch norm needs two samples
+                continue
+            if s1:
+                rate = one_cycle_lr((epoch - phase_start) * steps + step, phase_epochs * steps, lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = rate * group["lr_scale"]
+            step += 1
+            x = prep(x_all[idx], gen)
+            y = y_all[idx].to(device)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                logits = model(x)
+                loss = loss_fn(logits.float(), y)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(idx)
+        val_loss, val_acc = _evaluate(model, x_all, y_all, val, prep, 2 * batch_size)
+        row = {"epoch": epoch + 1, "loss": total / max(seen, 1),
+               "accuracy": correct / max(seen, 1), "val_loss": val_loss,
+               "val_accuracy": val_acc, "lr": optimizer.param_groups[-1]["lr"],
+               "seconds": time.perf_counter() - begin}  # fmt: skip
+        for key, value in row.items():
+            history[key].append(value)
+        log.info("epoch %d: loss %.4f, accuracy %.3f, validation loss %.4f",
+                 epoch + 1, row["loss"], row["accuracy"], val_loss)  # fmt: skip
+        if len(val) and val_loss < best_loss:
+            best, best_loss, best_epoch, bad = _cpu_state(model), val_loss, epoch + 1, 0
+        elif len(val):
+            bad += 1
+        stopped = bool(patience and len(val) and bad >= patience and phase == 1)
+        if resume_dir is not None:
+            _save_state(
+                {"fingerprint": fingerprint, "epoch": epoch + 1, "phase": phase,
+                 "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
+                 "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                 "best": best or {}, "best_loss": best_loss, "best_epoch": best_epoch,
+                 "bad_epochs": bad, "history": history, "stopped": stopped},
+                resume_dir,
+            )  # fmt: skip
+        if stopped:
+            log.info("early stop after epoch %d; best epoch %d", epoch + 1, best_epoch)
+            break
+    if best is not None:
+        model.load_state_dict(best)
+    checkpoint["best_epoch"] = best_epoch if best is not None else len(history["epoch"])
+    checkpoint["state_dict"] = _cpu_state(model.to(memory_format=torch.contiguous_format))
+    if resume_dir is not None:
+        shutil.rmtree(resume_dir, ignore_errors=True)
+    return checkpoint, pd.DataFrame(history, columns=HISTORY_COLUMNS)
+
+
+def train_fold(
+    rois: pd.DataFrame,
+    crops: np.ndarray,
+    *,
+    fold: int | None,
+    training: str,
+    **params,
+) -> tuple[dict, pd.DataFrame]:
+    """Select the ROIs a fold's encoder may see and train it on them.
+
+    Parameters
+    ----------
+    rois : pandas.DataFrame
+        ``roi_id, label, fold`` and optionally ``group`` (patient group, for
+        the inner validation split), row-aligned with ``crops``.
+    crops : numpy.ndarray
+        ``(n_rois, S, S, 3)`` uint8.
+    fold : int or None
+        The test fold (``None`` for ``all_labels`` and ``frozen``).
+    training : str
+        One of :data:`TRAINING_MODES`.
+    **params
+        Passed on to :func:`train_encoder`.
+    """
+    if len(rois) != len(crops):
+        raise ValueError(f"train_fold: {len(rois)} ROIs but {len(crops)} crops")
+    rows = training_rows(rois["fold"].to_numpy(), fold=fold, training=training)
+    part = rois[rows]
+    log.info("training %s encoder on %d of %d ROIs (test fold %s)",
+             training, rows.sum(), len(rows), fold)  # fmt: skip
+    return train_encoder(
+        crops[rows],
+        part["label"].astype(str).tolist(),
+        groups=part["group"].astype(str).tolist() if "group" in part else None,
+        roi_ids=part["roi_id"].astype(str).tolist(),
+        training=training,
+        **params,
+    )

@@ -1,0 +1,192 @@
+"""Tests of embedding (leukflow.embed) and the embedding store (leukflow.io). Tiny, on CPU."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from leukflow.embed import embed_crops, embed_rois, iter_embeddings
+from leukflow.hog import hog_features
+from leukflow.io import (
+    EmbeddingStoreWriter,
+    InvalidInputError,
+    embeddings_attrs,
+    fold_embeddings,
+    open_embeddings,
+    open_probabilities,
+    sha256_file,
+    write_crops,
+    write_embeddings,
+)
+from leukflow.models import encoder_from_checkpoint, save_checkpoint, to_tensor
+from leukflow.train import train_encoder
+
+CPU = torch.device("cpu")
+S = 32
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _crops(n=10, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, S, S, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("ckpt")
+    crops, labels = _crops(8), ["ALL", "HEM"] * 4
+    paths = []
+    for fold in range(2):
+        ck, _ = train_encoder(crops, labels, arch="small_cnn", epochs=1, batch_size=4,
+                              lr=1e-3, seed=fold, device=CPU)  # fmt: skip
+        paths.append(out / f"fold_{fold}.pt")
+        save_checkpoint(ck, paths[-1])
+    return paths
+
+
+def test_embed_crops_matches_a_manual_forward_and_the_head(checkpoints):
+    ck = torch.load(checkpoints[0], weights_only=True)
+    model = encoder_from_checkpoint(ck)
+    crops = _crops()
+    emb, probs = embed_crops(model, crops, input_size_px=S, dim=96, mean=ck["mean"],
+                             std=ck["std"], batch_size=3, with_probs=True, device=CPU)  # fmt: skip
+    x = to_tensor(crops, ck["mean"], ck["std"])
+    with torch.inference_mode():
+        features = model.backbone(x)
+        expected_probs = model(x).softmax(1)
+    np.testing.assert_allclose(emb, features.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(probs, expected_probs.numpy(), rtol=1e-5, atol=1e-6)
+    one, _ = embed_crops(model, crops, input_size_px=S, dim=96, mean=ck["mean"],
+                         std=ck["std"], batch_size=1, device=CPU)  # fmt: skip
+    np.testing.assert_allclose(one, emb, rtol=1e-5, atol=1e-6)
+
+
+def test_embedding_leaves_the_model_in_its_mode(checkpoints):
+    model = encoder_from_checkpoint(torch.load(checkpoints[0], weights_only=True)).train()
+    embed_crops(model, _crops(4), input_size_px=S, dim=96, device=CPU)
+    assert model.training
+
+
+def test_embed_from_a_crop_store_with_a_worker(checkpoints, tmp_path):
+    crops = _crops(9)
+    write_crops(crops, tmp_path / "crops.zarr", {})
+    ck = torch.load(checkpoints[0], weights_only=True)
+    model = encoder_from_checkpoint(ck)
+    kw = {"input_size_px": S, "dim": 96, "mean": ck["mean"], "std": ck["std"], "device": CPU,
+          "batch_size": 4}  # fmt: skip
+    from_store, _ = embed_crops(model, tmp_path / "crops.zarr", num_workers=1, **kw)
+    in_memory, _ = embed_crops(model, crops, **kw)
+    np.testing.assert_array_equal(from_store, in_memory)
+    kw.pop("dim")
+    blocks = [len(e) for e, _ in iter_embeddings(model, tmp_path / "crops.zarr", **kw)]
+    assert blocks == [4, 4, 1]
+
+
+def test_empty_crops():
+    emb, probs = embed_crops(None, np.zeros((0, S, S, 3), np.uint8), input_size_px=S, dim=324)
+    assert emb.shape == (0, 324)
+    assert probs is None
+
+
+def test_embed_rois_round_trips_the_store_with_its_attrs(checkpoints, tmp_path):
+    crops = _crops()
+    store = tmp_path / "e.zarr"
+    attrs = embed_rois(checkpoints, crops, store, leukflow_version="9.9", batch_size=4,
+                       device=CPU)  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.zarr"]  # no temporary left
+    arrays = open_embeddings(store)
+    assert sorted(arrays) == ["fold_0", "fold_1"]
+    probabilities = open_probabilities(store)
+    assert sorted(probabilities) == ["fold_0", "fold_1"]
+    group = embeddings_attrs(store)
+    assert group == attrs
+    assert group["architecture"] == "small_cnn"
+    assert group["training"] == "per_fold"
+    assert group["leaky"] is False
+    assert group["input_size_px"] == S
+    assert group["leukflow_version"] == "9.9"
+    assert group["normalisation"] == "dataset"
+    assert group["classes"] == ["ALL", "HEM"]
+    for fold, path in enumerate(checkpoints):
+        arr = arrays[f"fold_{fold}"]
+        assert arr.shape == (10, 96)
+        assert arr.dtype == np.float32
+        assert arr.attrs["weights_sha256"] == sha256_file(path)
+        assert re.fullmatch(r"[0-9a-f]{64}", arr.attrs["train_roi_ids_sha256"])
+        ck = torch.load(path, weights_only=True)
+        assert arr.attrs["normalisation"] == {"mean": ck["mean"], "std": ck["std"]}
+        expected, probs = embed_crops(encoder_from_checkpoint(ck), crops, input_size_px=S,
+                                      dim=96, mean=ck["mean"], std=ck["std"], device=CPU,
+                                      batch_size=4, with_probs=True)  # fmt: skip
+        np.testing.assert_array_equal(arr[:], expected)
+        np.testing.assert_array_equal(probabilities[f"fold_{fold}"][:], probs)
+        assert probabilities[f"fold_{fold}"].attrs["classes"] == ["ALL", "HEM"]
+    assert not np.allclose(arrays["fold_0"][:], arrays["fold_1"][:])
+    lazy = fold_embeddings(store, [0, 1])
+    assert isinstance(lazy[1], zarr.Array)
+    np.testing.assert_array_equal(lazy[1][3:5], arrays["fold_1"][3:5])
+
+
+def test_a_shared_encoder_serves_every_fold(tmp_path):
+    crops = _crops(6)
+    ck, _ = train_encoder(crops, ["a"] * 6, arch="hog", epochs=1, batch_size=2, lr=1.0, seed=0)
+    save_checkpoint(ck | {"training": "frozen"}, tmp_path / "all.pt")
+    embed_rois([tmp_path / "all.pt"], crops, tmp_path / "h.zarr", leukflow_version="x")
+    assert sorted(open_embeddings(tmp_path / "h.zarr")) == ["all"]
+    assert open_probabilities(tmp_path / "h.zarr") == {}  # no head: no probabilities
+    folds = fold_embeddings(tmp_path / "h.zarr", [0, 1, 2])
+    assert folds[0] is folds[2]
+    np.testing.assert_allclose(folds[1][:], hog_features(crops, input_size_px=S), rtol=1e-6)
+
+
+def test_all_labels_stores_are_marked_leaky(checkpoints, tmp_path):
+    ck = torch.load(checkpoints[0], weights_only=True) | {"training": "all_labels"}
+    save_checkpoint(ck, tmp_path / "all.pt")
+    embed_rois([tmp_path / "all.pt"], _crops(3), tmp_path / "s.zarr", leukflow_version="x")
+    assert embeddings_attrs(tmp_path / "s.zarr")["leaky"] is True
+    assert sorted(open_embeddings(tmp_path / "s.zarr")) == ["all"]
+    assert sorted(open_probabilities(tmp_path / "s.zarr")) == ["all"]
+
+
+def test_missing_folds_are_named(tmp_path):
+    write_embeddings({"fold_0": np.zeros((2, 3))}, tmp_path / "e.zarr", {})
+    with pytest.raises(
+        InvalidInputError, match=r"no embeddings for folds \[1\]; has \['fold_0'\]"
+    ):
+        fold_embeddings(tmp_path / "e.zarr", [0, 1])
+
+
+def test_writer_chunks_rows_compresses_and_is_atomic(tmp_path):
+    path = tmp_path / "w.zarr"
+    rows = np.random.default_rng(0).normal(size=(700, 8)).astype(np.float32)
+    with EmbeddingStoreWriter(path, {"architecture": "x"}) as writer:
+        arr = writer.add_array("fold_0", 8, {"k": 1})
+        for i in range(0, 700, 64):
+            arr.append(rows[i : i + 64])
+        assert not path.exists()  # nothing under the final name until closed
+        with pytest.raises(ValueError, match=r"expected \(n, 8\) rows; got \(2, 3\)"):
+            arr.append(np.zeros((2, 3)))
+    stored = zarr.open_array(str(path / "fold_0"), mode="r")
+    np.testing.assert_array_equal(stored[:], rows)
+    assert stored.chunks == (max(256, (1 << 20) // 8), 8)
+    assert "zstd" in str(stored.compressors).lower()
+
+    def fail_half_way():
+        with EmbeddingStoreWriter(path, {}) as writer:
+            writer.add_array("fold_0", 8, {}).append(rows[:5])
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fail_half_way()
+    np.testing.assert_array_equal(open_embeddings(path)["fold_0"][:], rows)  # old store kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.zarr"]
