@@ -1,8 +1,9 @@
 """Incremental re-runs: the cost of adding 5% new images to a finished run.
 
 Generates a `folders` dataset of demo fields (one sub-folder per class), runs
-the workflow up to the ROI crops (ingest, segmentation batches, merge), then
-adds 5% new fields and runs again. Prints, in one run: the full run's time,
+the workflow up to the ROI crops and their embeddings by a frozen encoder (HOG;
+ingest, segmentation batches, merge, embedding), then adds 5% new fields and
+runs again. Prints, in one run: the full run's time,
 the time after adding the images, and how many images each run segmented (from
 the segmentation logs' "segmented N images; M read from the cache"); then
 checks that a third `snakemake -n` plans no job.
@@ -60,16 +61,17 @@ def segmented(out: Path) -> tuple[int, int]:
 
 
 def timed(work: Path, cores: int, targets: list[str]) -> tuple[float, float]:
-    """Run to ``targets``: the wall time, and the segmentation jobs' time in all.
+    """Run to ``targets``: the wall time, and the segment and embed jobs' time in all.
 
     The second figure sums the Snakemake benchmark files of the segmentation
-    rules (``segment_batch`` jobs and ``merge_segments``): the time of the work
-    itself, without Snakemake's start-up of each job.
+    rules (``segment_batch`` jobs, ``merge_segments``) and of ``embed_rois``:
+    the time of the work itself, without Snakemake's start-up of each job.
     """
     start = time.perf_counter()
     snakemake(work, cores, *targets)
     wall = time.perf_counter() - start
-    tsvs = (work / "out" / "benchmarks" / "segment").rglob("*.tsv")
+    bench = work / "out" / "benchmarks"
+    tsvs = [*(bench / "segment").rglob("*.tsv"), *(bench / "embed").rglob("*.tsv")]
     jobs = sum(float(pd.read_csv(tsv, sep="\t")["s"].iloc[0]) for tsv in tsvs)
     return wall, jobs
 
@@ -87,30 +89,27 @@ def main() -> None:
             "results_dir": "out",
             "datasets": {"smears": {"format": "folders", "root": "smears"}},
             "segmentation": {"batch_size": 100},
+            # a frozen encoder: its embeddings depend on the image alone, so are cached
+            "encoders": {"hog": {"arch": "hog", "training": "frozen"}},
         }
         (work / "my.yaml").write_text(yaml.safe_dump(config))
-        targets = ["out/rois.parquet"]
+        targets = ["out/rois.parquet", "out/embeddings/smears/hog.zarr"]
         full, full_jobs = timed(work, args.cores, targets)
-        full_new, _ = segmented(work / "out")
+        full_new, _, full_embed = segmented(work / "out")
         n_add = max(1, round(0.05 * args.n))
         add_fields(smears, n_add, seed=1, scratch=work)
         again, again_jobs = timed(work, args.cores, targets)
-        new, cached = segmented(work / "out")
+        new, cached, embed = segmented(work / "out")
         dry = snakemake(work, args.cores, "-n", *targets)
         idle = "Nothing to be done" in dry.stdout + dry.stderr
-    print(
-        f"full run, {args.n} images: segmentation jobs {full_jobs:6.1f} s "
-        f"(whole run with ingest and job start-up {full:.1f} s); {full_new} images segmented"
-    )
-    print(
-        f"after adding {n_add} images (5%): segmentation jobs {again_jobs:6.1f} s = "
-        f"{100 * again_jobs / full_jobs:.1f}% of the full run's (target <= 10%); "
-        f"whole run {again:.1f} s = {100 * again / full:.1f}%"
-    )
-    print(
-        f"  images segmented: {new} (new: {n_add}); old images re-segmented: {new - n_add} "
-        f"(target 0); read from the cache: {cached}"
-    )
+    print(f"full run, {args.n} images: segment+embed jobs {full_jobs:.1f} s (whole run with "
+          f"ingest and job start-up {full:.1f} s); {full_new} images segmented; "
+          f"hog: {full_embed}")  # fmt: skip
+    print(f"after adding {n_add} images (5%): segment+embed jobs {again_jobs:.1f} s = "
+          f"{100 * again_jobs / full_jobs:.1f}% of the full run's (target <= 10%); "
+          f"whole run {again:.1f} s = {100 * again / full:.1f}%")  # fmt: skip
+    print(f"  images segmented: {new} (new: {n_add}); old images re-segmented: {new - n_add} "
+          f"(target 0); read from the cache: {cached}; hog: {embed}")  # fmt: skip
     print(f"third run, nothing new: snakemake -n plans {'no job' if idle else 'jobs (!)'}")
 
 

@@ -190,3 +190,45 @@ def test_writer_chunks_rows_compresses_and_is_atomic(tmp_path):
         fail_half_way()
     np.testing.assert_array_equal(open_embeddings(path)["fold_0"][:], rows)  # old store kept
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.zarr"]
+
+
+@pytest.mark.parametrize("arch", ["hog", "small_cnn"])
+def test_frozen_embeddings_are_cached_per_image(arch, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="leukflow.embed")
+    crops = _crops(12, seed=3)
+    ck, _ = train_encoder(crops, ["ALL", "HEM"] * 6, arch=arch, training="frozen", epochs=1,
+                          batch_size=4, lr=1e-3, normalisation="imagenet", seed=0,
+                          device=CPU)  # fmt: skip
+    save_checkpoint(ck, tmp_path / "all.pt")
+    write_crops(crops, tmp_path / "crops.zarr", {})
+    keys = ["a"] * 3 + ["b"] * 5 + ["c"] * 4  # three images' ROIs
+
+    def run(name, keys, store):
+        embed_rois([tmp_path / "all.pt"], store, tmp_path / name, leukflow_version="t",
+                   batch_size=4, device=CPU, roi_keys=keys,
+                   cache_dir=tmp_path / "cache")  # fmt: skip
+        return [m for m in caplog.messages if m.startswith("frozen encoder")][-1]
+
+    plain = tmp_path / "plain.zarr"
+    embed_rois([tmp_path / "all.pt"], tmp_path / "crops.zarr", plain, leukflow_version="t",
+               batch_size=4, device=CPU)  # fmt: skip
+    assert run("one.zarr", keys, tmp_path / "crops.zarr") == (
+        "frozen encoder: 3 images embedded; 0 read from the cache"
+    )
+    assert run("two.zarr", keys, tmp_path / "crops.zarr") == (
+        "frozen encoder: 0 images embedded; 3 read from the cache"
+    )
+    # a fourth image: only it is embedded
+    more = np.concatenate([crops, _crops(2, seed=9)])
+    write_crops(more, tmp_path / "more.zarr", {})
+    assert run("three.zarr", [*keys, "d", "d"], tmp_path / "more.zarr") == (
+        "frozen encoder: 1 images embedded; 3 read from the cache"
+    )
+    want = open_embeddings(plain)["all"][:]
+    for name in ("one.zarr", "two.zarr"):
+        np.testing.assert_array_equal(open_embeddings(tmp_path / name)["all"][:], want)
+    three = open_embeddings(tmp_path / "three.zarr")["all"][:]
+    np.testing.assert_array_equal(three[:12], want)
+    assert three.shape[0] == 14

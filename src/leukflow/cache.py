@@ -1,7 +1,8 @@
 """Per-image results keyed by content, so that a re-run redoes only what changed.
 
-Ingest's decode and measurements, and a field's segmentation (ROI records,
-crops, the per-image row, kmeans scores) are stored under
+Ingest's decode and measurements, a field's segmentation (ROI records,
+crops, the per-image row, kmeans scores) and a frozen encoder's embeddings of
+a field's ROIs are stored under
 ``results_dir/cache/`` in files named by the SHA-256 of the image file (and
 of its mask, when the method reads masks) inside a folder named by a hash of
 everything else that produced them: the parameters and the source code of the
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 SEGMENT_SOURCES = ("segment/methods.py", "segment/rois.py", "segment/masks.py", "io.py")
 #: Sources whose code decides ingest's measurements.
 INGEST_SOURCES = ("ingest.py", "io.py")
+#: Sources whose code decides a frozen encoder's embeddings of given crops.
+EMBED_SOURCES = ("embed.py", "models.py", "nets.py", "hog.py")
 
 
 @cache

@@ -18,6 +18,7 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, Dataset
 
+from leukflow import cache
 from leukflow.hog import hog_features
 from leukflow.io import EmbeddingStoreWriter, sha256_file
 from leukflow.models import (
@@ -188,6 +189,76 @@ def store_attrs(checkpoint: dict, *, leukflow_version: str) -> dict:
     }
 
 
+def model_digest(checkpoint: dict) -> str:
+    """SHA-256 of what decides a frozen encoder's embeddings (not of the file).
+
+    Architecture, input size and, for networks, the normalisation and every
+    weight: two checkpoints of one frozen encoder digest alike even when they
+    were written by different runs.
+    """
+    digest = hashlib.sha256(f"{checkpoint['arch']}|{checkpoint['input_size_px']}".encode())
+    if checkpoint["arch"] != "hog":
+        digest.update(repr((checkpoint["mean"], checkpoint["std"])).encode())
+        for name, tensor in sorted(checkpoint["state_dict"].items()):
+            digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _image_runs(keys: Sequence[str]) -> list[tuple[str, int, int]]:
+    """``(key, start, stop)`` of each run of equal consecutive keys (an image's ROIs)."""
+    runs, start = [], 0
+    for i in range(1, len(keys) + 1):
+        if i == len(keys) or keys[i] != keys[start]:
+            runs.append((keys[start], start, i))
+            start = i
+    return runs
+
+
+def _frozen_embeddings(
+    model: Encoder | None,
+    ckpt: dict,
+    crops: zarr.Array,
+    roi_keys: Sequence[str],
+    cache_dir: str | Path,
+    *,
+    dim: int,
+    images_per_block: int = 256,
+    **kwargs,
+) -> Iterator[np.ndarray]:
+    """Yield a frozen encoder's embeddings in ROI order, image by image from the cache.
+
+    ``roi_keys`` names each ROI's source (its image's content hash and the
+    segmentation that cut it); ROIs of one image are consecutive. Images seen
+    before with the same encoder are read from :mod:`leukflow.cache`; the rest
+    are embedded and stored there.
+    """
+    space = cache.namespace("embed", {"model": model_digest(ckpt)}, cache.EMBED_SOURCES)
+    runs = _image_runs(list(roi_keys))
+    n_cached = 0
+    for first in range(0, len(runs), images_per_block):
+        block = runs[first : first + images_per_block]
+        found = {}
+        for key, start, stop in block:
+            hit = cache.load_arrays(cache.entry_path(cache_dir, space, key))
+            if hit is not None and hit[0]["embeddings"].shape == (stop - start, dim):
+                found[key] = hit[0]["embeddings"]
+        missing = [(k, a, b) for k, a, b in block if k not in found]
+        n_cached += len(block) - len(missing)
+        if missing:
+            rows = np.concatenate([np.arange(a, b) for _, a, b in missing])
+            emb, _ = embed_crops(model, crops.oindex[rows], dim=dim, **kwargs)
+            offset = 0
+            for key, a, b in missing:
+                found[key] = emb[offset : offset + b - a]
+                offset += b - a
+                cache.save_arrays(cache.entry_path(cache_dir, space, key),
+                                  {"embeddings": found[key]}, {})  # fmt: skip
+        for key, _, _ in block:
+            yield found[key]
+    log.info("frozen encoder: %d images embedded; %d read from the cache",
+             len(runs) - n_cached, n_cached)  # fmt: skip
+
+
 def embed_rois(
     checkpoints: Sequence[str | Path],
     crops: np.ndarray | zarr.Array | str | Path,
@@ -197,6 +268,8 @@ def embed_rois(
     batch_size: int = 256,
     num_workers: int = 0,
     device: torch.device | None = None,
+    roi_keys: Sequence[str] | None = None,
+    cache_dir: str | Path | None = None,
 ) -> dict:
     """Embed every ROI with each checkpoint into one embedding store.
 
@@ -214,6 +287,12 @@ def embed_rois(
         Recorded in the attributes.
     batch_size, num_workers, device
         See :func:`iter_embeddings`.
+    roi_keys : sequence of str, optional
+        Per ROI, a key of its source image (content hash and segmentation);
+        with ``cache_dir``, a frozen encoder's embeddings are cached per image
+        (:mod:`leukflow.cache`), so new images cost only themselves.
+    cache_dir : str or Path, optional
+        The per-image cache.
 
     Returns
     -------
@@ -246,6 +325,17 @@ def embed_rois(
                 probs = writer.add_array(
                     f"probs/{name}", len(ckpt["classes"]), {"classes": ckpt["classes"]}
                 )
+            if ckpt["training"] == "frozen" and cache_dir and roi_keys is not None:
+                array = zarr.open_array(str(crops), mode="r") if isinstance(
+                    crops, str | Path) else crops  # fmt: skip
+                for e in _frozen_embeddings(
+                    model, ckpt, array, roi_keys, cache_dir, dim=dim,
+                    input_size_px=ckpt["input_size_px"], mean=ckpt["mean"], std=ckpt["std"],
+                    batch_size=batch_size, device=device,
+                ):  # fmt: skip
+                    emb.append(e)
+                log.info("%s: embedded every ROI, %d-d", name, dim)
+                continue
             for e, p in iter_embeddings(
                 model,
                 crops,

@@ -6,6 +6,7 @@ rule embed_rois:
         checkpoints=fold_checkpoints,
         rois=result("segment/{dataset}/rois.parquet"),
         crops=result("segment/{dataset}/crops.zarr"),
+        manifest=result("manifest.parquet"),
     output:
         store=directory(result("embeddings/{dataset}/{encoder}.zarr")),
         ids=result("embeddings/{dataset}/{encoder}_rois.parquet"),
@@ -21,5 +22,7 @@ rule embed_rois:
         mem_mb=attempt_mem_mb(4000),
     params:
         batch_size=lambda wc: ENCODERS[wc.encoder]["embed_batch_size"],
+        segmentation=config["segmentation"],
+        cache_dir=result("cache"),
     script:
         "../scripts/embed_rois.py"

@@ -7,6 +7,7 @@ from leukflow.embed import embed_rois
 from leukflow.io import read_table, write_table
 from leukflow.models import pick_device
 from leukflow.runlog import start_log
+from leukflow.segment import SegmentParams, cache_space
 
 device = pick_device()
 # CPU: the forward pass needs every thread and decoding small crops is cheap, so no
@@ -15,6 +16,11 @@ workers = snakemake.threads - 1 if device.type == "cuda" else 0
 torch.set_num_threads(max(1, snakemake.threads - workers))
 log = start_log("embed_rois", snakemake.log[0], {"device": device, "workers": workers})
 rois = read_table(snakemake.input.rois)
+# a frozen encoder's embeddings are cached per source image: its content hash and
+# the segmentation that cut its ROIs
+sha = read_table(snakemake.input.manifest).set_index("image_id")["sha256"]
+space = cache_space(SegmentParams.from_mapping(snakemake.params.segmentation))
+roi_keys = (rois["image_id"].map(sha) + "_" + space.replace("/", "-")).tolist()
 attrs = embed_rois(
     snakemake.input.checkpoints,
     snakemake.input.crops,
@@ -23,6 +29,8 @@ attrs = embed_rois(
     batch_size=snakemake.params.batch_size,
     num_workers=workers,
     device=device,
+    roi_keys=roi_keys,
+    cache_dir=snakemake.params.cache_dir,
 )
 write_table(rois[["roi_id", "image_id"]], snakemake.output.ids)
 log.info("embedded %d ROIs with %d encoders: %s", len(rois), len(snakemake.input.checkpoints),
