@@ -49,15 +49,16 @@ def snakemake(work: Path, cores: int, *args: str) -> subprocess.CompletedProcess
     return subprocess.run(cmd, cwd=work, capture_output=True, text=True, check=True)
 
 
-def segmented(out: Path) -> tuple[int, int]:
-    """Images segmented and read from the cache, over the last run's batch logs."""
+def segmented(out: Path) -> tuple[int, int, str]:
+    """Images segmented and read from the cache (batch logs); the embed log's count."""
     new = cached = 0
+    pattern = r"segmented (\d+) images; (\d+) read from the cache"
     for log in (out / "logs" / "segment").rglob("batch_*.log"):
-        for m in re.finditer(
-            r"segmented (\d+) images; (\d+) read from the cache", log.read_text()
-        ):
+        for m in re.finditer(pattern, log.read_text()):
             new, cached = new + int(m[1]), cached + int(m[2])
-    return new, cached
+    embed_log = out / "logs" / "embed" / "smears" / "hog.log"
+    embed = re.findall(r"frozen encoder: (.*)", embed_log.read_text())
+    return new, cached, embed[-1] if embed else "?"
 
 
 def timed(work: Path, cores: int, targets: list[str]) -> tuple[float, float]:
