@@ -109,7 +109,7 @@ def test_predict_cli_calls_new_fields_and_reports_a_corrupt_one(e2e_run, new_fie
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "9 images (demo / resnet18 / random_forest, 3 folds averaged" in run.stdout
-    images = pd.read_csv(tmp_path / "preds_images.csv", keep_default_na=False)
+    images = pd.read_csv(tmp_path / "preds_images.csv").fillna({"reason": "", "message": ""})
     assert len(images) == 9
     broken = images[images["image"] == str(bad)].iloc[0]
     assert (broken["status"], broken["reason"]) == ("error", "unreadable")

@@ -105,6 +105,21 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from leukflow.serve import create_app, serve
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app = create_app(
+        _load_predictor(args), max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels
+    )
+    serve(app, host=args.host, port=args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of the ``leukflow`` command."""
     parser = argparse.ArgumentParser(
@@ -141,6 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
     predict.set_defaults(func=_predict)
+    review = sub.add_parser(
+        "serve",
+        help="a local web page: upload an image, see its cells outlined and called",
+        description="Upload a smear field or a cell image; see the segmented cells with "
+        "their class and probability, the image-level call, and download the CSV.",
+    )
+    _model_args(review)
+    review.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
+    review.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free)")
+    review.add_argument(
+        "--max-upload-mb", type=float, default=20, help="largest upload in MB (default 20)"
+    )
+    review.add_argument(
+        "--max-pixels", type=int, default=40_000_000,
+        help="largest image in pixels (default 40,000,000)",
+    )  # fmt: skip
+    review.set_defaults(func=_serve)
     return parser
 
 

@@ -483,6 +483,9 @@ def _image_row(
     if rgb is None:
         return row | {"status": "error", "width": 0, "height": 0, "score": np.nan}
     row.update(width=rgb.shape[1], height=rgb.shape[0], status="ok")
+    if not len(rois):  # as aggregate_images calls an image without ROIs
+        return row | {"label": predictor.negative_label, "score": 0.0, "pred_class": NO_ROI,
+                      "reason": reason or "no_cell"}  # fmt: skip
     # the run's own aggregation; it takes the negative call from the labels it is given
     preds = rois.assign(classifier=predictor.classifier, image_id=name, roi_id=rois["roi"],
                         pred=rois["label"])  # fmt: skip
@@ -495,8 +498,6 @@ def _image_row(
         threshold=predictor.any_positive_threshold,
     ).iloc[0]
     row.update(label=call["pred"], score=float(call["score"]), pred_class=call["pred_class"])
-    if call["pred_class"] == NO_ROI and not reason:
-        row["reason"] = "no_cell"
     return row
 
 
