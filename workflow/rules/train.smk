@@ -8,7 +8,12 @@ rule train_encoder:
         folds=result("folds.csv"),
     output:
         checkpoint=result("train/{dataset}/{encoder}/fold_{fold}.pt"),
-        history=result("train/{dataset}/{encoder}/fold_{fold}_history.csv"),
+        history=report(
+            result("train/{dataset}/{encoder}/fold_{fold}_history.csv"),
+            caption="../report/history.rst",
+            category="3. Training",
+            subcategory="{dataset} / {encoder}",
+        ),
     log:
         logfile("train/{dataset}/{encoder}/fold_{fold}.log"),
     benchmark:
