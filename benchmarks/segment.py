@@ -5,7 +5,8 @@ generated 2592x1944 smears the size of ALL-IDB1's), prints:
 
 - the bare kernel loop: the numpy / scikit-image calls of S0 (read, grey,
   multi-Otsu, opening, closing, hole filling, small-object removal, labels,
-  region boxes, crops) and nothing else, in one process;
+  region boxes, edge-padded square crops, resize) and nothing else, in one
+  process;
 - leukflow's segmentation (``segment_to_store``: dask tasks, field checks, ROI
   tables, crops streamed to zarr) on 1 worker and on 2 workers;
 - the parallel efficiency (1-worker time / (2 x 2-worker time)) and the peak
@@ -52,8 +53,12 @@ def bare_loop(paths: list[Path]) -> tuple[float, int]:
         for region in measure.regionprops(measure.label(mask)):
             r0, c0, r1, c1 = region.bbox
             side = int(np.ceil(max(r1 - r0, c1 - c0) * (1 + 2 * p.roi_margin)))
-            y0, x0 = max(0, (r0 + r1 - side) // 2), max(0, (c0 + c1 - side) // 2)
-            crop = rgb[y0 : y0 + side, x0 : x0 + side]
+            y0, x0 = (r0 + r1 - side) // 2, (c0 + c1 - side) // 2
+            crop = rgb[max(0, y0) : y0 + side, max(0, x0) : x0 + side]
+            if crop.shape[:2] != (side, side):  # squares past the edge repeat edge pixels
+                h, w = rgb.shape[:2]
+                pad = ((max(0, -y0), max(0, y0 + side - h)), (max(0, -x0), max(0, x0 + side - w)))
+                crop = np.pad(crop, (*pad, (0, 0)), mode="edge")
             transform.resize(crop, (p.roi_size_px, p.roi_size_px), anti_aliasing=True)
             n_rois += 1
     return time.perf_counter() - start, n_rois

@@ -269,3 +269,20 @@ def test_duplicates_across_datasets_join_groups_and_split_per_dataset():
     assert (joined["group"] == "a/p01").all()
     for _, part in folds.groupby("dataset"):
         assert (part.groupby("group")["fold"].nunique() == 1).all()
+
+
+def test_a_changed_labelled_set_is_reported(tmp_path):
+    from leukflow.folds import compare_labelled_sets
+
+    state = tmp_path / "cache" / "labelled_set.json"
+    manifest = pd.DataFrame(
+        {"image_id": ["d/a", "d/b", "d/c"], "label": ["ALL", "hem", "ALL"], "patient": list("pqr")}
+    )
+    assert compare_labelled_sets(manifest, state) == ""  # first run
+    assert compare_labelled_sets(manifest, state) == ""  # nothing changed
+    grown = pd.concat([manifest, manifest.head(1).assign(image_id="d/z")], ignore_index=True)
+    grown.loc[1, "label"] = "ALL"
+    assert compare_labelled_sets(grown.iloc[1:], state) == (
+        "the labelled set changed since the last fold assignment: 3 -> 3 images "
+        "(1 new, 1 gone, 1 relabelled or regrouped)"
+    )

@@ -9,8 +9,11 @@ marks every row ``leaky``.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -247,3 +250,38 @@ def label_rois(rois: pd.DataFrame, folds: pd.DataFrame) -> pd.DataFrame:
             f"table, e.g. {merged.loc[orphans, 'image_id'].iloc[0]!r}"
         )
     return merged.astype({"fold": int})
+
+
+def compare_labelled_sets(manifest: pd.DataFrame, state_path: str | Path) -> str:
+    """Say how the labelled images differ from the previous run's; remember this run's.
+
+    ``state_path`` (under ``results_dir/cache``) keeps the image ids, labels
+    and patients of the last fold assignment. Returns ``""`` on the first run
+    or when nothing changed, else a sentence such as ``"the labelled set
+    changed since the last fold assignment: 60 -> 63 images (3 new, 0 gone,
+    0 relabelled)"``.
+    """
+    state_path = Path(state_path)
+    now = {
+        str(r.image_id): [str(r.label), str(r.patient)]
+        for r in manifest[["image_id", "label", "patient"]].itertuples(index=False)
+    }
+    before = None
+    if state_path.is_file():
+        try:
+            before = json.loads(state_path.read_text())
+        except ValueError:
+            before = None
+    state_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = state_path.with_name(f".{state_path.name}.tmp")
+    tmp.write_text(json.dumps(now, sort_keys=True))
+    os.replace(tmp, state_path)
+    if before is None or before == now:
+        return ""
+    new = len(now.keys() - before.keys())
+    gone = len(before.keys() - now.keys())
+    changed = sum(before[k] != now[k] for k in now.keys() & before.keys())
+    return (
+        f"the labelled set changed since the last fold assignment: {len(before)} -> "
+        f"{len(now)} images ({new} new, {gone} gone, {changed} relabelled or regrouped)"
+    )

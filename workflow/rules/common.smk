@@ -1,5 +1,9 @@
 # Names and input functions shared by the stage rules (config is validated).
 
+import math
+
+from leukflow.datasets import count_images, dataset_files
+
 RESULTS = config["results_dir"]
 DATASETS = config["datasets"]
 DEMO_DATASETS = {n: d for n, d in DATASETS.items() if d["format"] == "demo"}
@@ -7,11 +11,34 @@ ENCODERS = config["encoders"]
 CLASSIFIERS = config["classifiers"]
 FOLDS = list(range(config["folds"]["k"]))
 
+# The files ingest reads, listed when the DAG is built: a new, removed or edited
+# file re-runs ingest (demo folders are drawn by a rule, so the folder stands in).
+DATASET_FILES = {
+    name: [d["root"]] if d["format"] == "demo" else dataset_files(d)
+    for name, d in DATASETS.items()
+}
+# Segmentation runs in jobs of about segmentation.batch_size images each.
+N_BATCHES = {
+    name: max(
+        1,
+        math.ceil(
+            (
+                d["n_fields"]
+                if d["format"] == "demo"
+                else count_images(DATASET_FILES[name])
+            )
+            / config["segmentation"]["batch_size"]
+        ),
+    )
+    for name, d in DATASETS.items()
+}
+
 
 wildcard_constraints:
     dataset="|".join(DATASETS),
     encoder="|".join(ENCODERS),
     fold=r"\d+",
+    batch=r"\d+",
 
 
 def gpu_resources():
@@ -44,8 +71,16 @@ def benchfile(path):
     return f"{RESULTS}/benchmarks/{path}"
 
 
-def dataset_roots(wildcards):
-    return [d["root"] for d in DATASETS.values()]
+def dataset_inputs(wildcards):
+    return [path for files in DATASET_FILES.values() for path in files]
+
+
+def segment_batches(name):
+    """Input function: file ``name`` of every segmentation batch of a dataset."""
+    return lambda wc: [
+        result(f"segment/{wc.dataset}/batch_{b}/{name}")
+        for b in range(N_BATCHES[wc.dataset])
+    ]
 
 
 def fold_checkpoints(wildcards):

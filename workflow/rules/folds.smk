@@ -18,5 +18,6 @@ rule assign_folds:
         k=config["folds"]["k"],
         seed=config["folds"]["seed"],
         protocol=config["folds"]["protocol"],
+        state=result("cache/folds/labelled_set.json"),
     script:
         "../scripts/assign_folds.py"

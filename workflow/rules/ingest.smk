@@ -24,7 +24,7 @@ for _name, _ds in DEMO_DATASETS.items():
 
 rule ingest_images:
     input:
-        dataset_roots,
+        dataset_inputs,
     output:
         manifest=result("manifest.parquet"),
         rejects=report(

@@ -1,5 +1,7 @@
-# Segment: manifest -> per-dataset ROI table and ROI crops (zarr), dask inside;
-# QA of the segmentation against the masks and annotations a dataset brings.
+# Segment: manifest -> ROI tables and ROI crops (zarr) per batch of images, dask
+# inside each batch job, merged per dataset; a per-image cache keyed by content
+# makes re-runs segment only new or edited images. QA of the segmentation
+# against the masks and annotations a dataset brings.
 
 from leukflow.config import ConfigError
 
@@ -16,8 +18,39 @@ QA_METHODS = list(
 )
 
 
-rule segment_cells:
+rule segment_batch:
     input:
+        manifest=result("manifest.parquet"),
+    output:
+        rois=result("segment/{dataset}/batch_{batch}/rois.parquet"),
+        crops=directory(result("segment/{dataset}/batch_{batch}/crops.zarr")),
+        images=result("segment/{dataset}/batch_{batch}/images.parquet"),
+        k_scores=result("segment/{dataset}/batch_{batch}/k_scores.parquet"),
+    log:
+        logfile("segment/{dataset}/batch_{batch}.log"),
+    benchmark:
+        benchfile("segment/{dataset}/batch_{batch}.tsv")
+    group:
+        "segment"
+    conda:
+        "../../envs/leukflow.yaml"
+    threads: 8
+    resources:
+        mem_mb=attempt_mem_mb(4000),
+    params:
+        segmentation=config["segmentation"],
+        n_batches=lambda wc: N_BATCHES[wc.dataset],
+        cache_dir=result("cache"),
+    script:
+        "../scripts/segment_batch.py"
+
+
+rule merge_segments:
+    input:
+        rois=segment_batches("rois.parquet"),
+        crops=segment_batches("crops.zarr"),
+        images=segment_batches("images.parquet"),
+        k_scores=segment_batches("k_scores.parquet"),
         manifest=result("manifest.parquet"),
     output:
         rois=result("segment/{dataset}/rois.parquet"),
@@ -35,13 +68,12 @@ rule segment_cells:
         benchfile("segment/{dataset}.tsv")
     conda:
         "../../envs/leukflow.yaml"
-    threads: 8
     resources:
-        mem_mb=4000,
+        mem_mb=attempt_mem_mb(2000),
     params:
         segmentation=config["segmentation"],
     script:
-        "../scripts/segment_cells.py"
+        "../scripts/merge_segments.py"
 
 
 rule gather_rois:

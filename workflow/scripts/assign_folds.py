@@ -1,12 +1,16 @@
 """Rule assign_folds: manifest -> folds.csv, grouped by patient (or random, leaky)."""
 
-from leukflow.folds import assign_folds
+from leukflow.folds import assign_folds, compare_labelled_sets
 from leukflow.io import read_table, write_table
 from leukflow.runlog import start_log
 
 log = start_log("assign_folds", snakemake.log[0], dict(snakemake.params))
+manifest = read_table(snakemake.input.manifest)
+change = compare_labelled_sets(manifest, snakemake.params.state)
+if change:
+    log.warning("%s: folds and every per-fold encoder are recomputed", change)
 folds = assign_folds(
-    read_table(snakemake.input.manifest),
+    manifest,
     k=snakemake.params.k,
     seed=snakemake.params.seed,
     duplicates=read_table(snakemake.input.duplicates),

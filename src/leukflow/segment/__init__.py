@@ -27,6 +27,8 @@ any label image, and :func:`segment_images` runs chunks of images as dask tasks
 from leukflow.segment.batch import (
     K_SCORE_COLUMNS,
     SegmentedImages,
+    batch_of,
+    cache_space,
     iter_segmented,
     match_rois_to_boxes,
     match_rois_to_points,
@@ -34,6 +36,7 @@ from leukflow.segment.batch import (
     segment_images,
     segment_to_store,
     summarise_k_scores,
+    workers_for_memory,
 )
 from leukflow.segment.masks import dice, iou, resize_nearest, score_mask, ssim, truth_masks
 from leukflow.segment.methods import (
@@ -68,6 +71,8 @@ __all__ = [
     "FieldSegmentation",
     "SegmentParams",
     "SegmentedImages",
+    "batch_of",
+    "cache_space",
     "check_field",
     "dice",
     "extract_rois",
@@ -91,4 +96,5 @@ __all__ = [
     "ssim",
     "summarise_k_scores",
     "truth_masks",
+    "workers_for_memory",
 ]  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -13,14 +14,15 @@ import dask
 import numpy as np
 import pandas as pd
 
-from leukflow.io import CropStoreWriter, InvalidInputError, read_image
+from leukflow import cache
+from leukflow.io import CropStoreWriter, InvalidInputError, read_image, sha256_file
 from leukflow.parallel import single_threaded_worker
 from leukflow.segment.masks import truth_masks
 from leukflow.segment.rois import (
     IMAGE_COLUMNS,
     ROI_COLUMNS,
     SegmentParams,
-    field_rois,
+    field_roi_records,
     segment_field,
 )
 
@@ -58,43 +60,112 @@ def read_truth(path: str | Path) -> dict[str, np.ndarray]:
     return truth_masks(read_image(path))
 
 
+def cache_space(params: SegmentParams) -> str:
+    """Name the cache folder of segmentations made with ``params`` by this code."""
+    return cache.namespace("segment", asdict(params), cache.SEGMENT_SOURCES)
+
+
 def _segment_chunk(
-    paths: Sequence[str], image_ids: Sequence[str], mask_paths: Sequence[str], params: dict
+    paths: Sequence[str],
+    image_ids: Sequence[str],
+    mask_paths: Sequence[str],
+    shas: Sequence[str],
+    params: dict,
+    cache_dir: str,
 ) -> SegmentedImages:
     p = SegmentParams(**params)
-    tables, crops, images, k_scores = [], [], [], []
-    for path, image_id, mask_path in zip(paths, image_ids, mask_paths, strict=True):
+    space = cache_space(p) if cache_dir else ""
+    roi_rows, crops, images, k_scores = [], [], [], []
+    for path, image_id, mask_path, sha in zip(paths, image_ids, mask_paths, shas, strict=True):
         try:
+            entry = None
+            if space and sha:
+                mask_sha = sha256_file(mask_path) if (p.uses_masks and mask_path) else ""
+                entry = cache.entry_path(cache_dir, space, sha, mask_sha)
+                hit = cache.load_arrays(entry)
+                if hit is not None:
+                    rois, stack, image, scores = _from_entry(*hit, image_id)
+                    roi_rows += rois
+                    crops.append(stack)
+                    images.append({**image, "cached": True})
+                    k_scores += scores
+                    continue
             rgb = read_image(path)
             truth = read_truth(mask_path) if (p.uses_masks and mask_path) else None
         except InvalidInputError as err:  # changed or vanished since ingest
             log.warning("%s: %s", image_id, err)
             images.append(
                 {"image_id": image_id, "n_rois": 0, "reason": err.reason, "note": str(err),
-                 "scale": 1.0, "k": 0}
+                 "scale": 1.0, "k": 0, "cached": False}
             )  # fmt: skip
             continue
         seg = segment_field(rgb, p, truth)
-        rois, stack = field_rois(seg, image_id, p)
-        tables.append(rois)
+        rois, stack = field_roi_records(seg, image_id, p)
+        image = {"image_id": image_id, "n_rois": len(rois), "reason": seg.reason,
+                 "note": seg.note, "scale": seg.scale, "k": seg.k}  # fmt: skip
+        scores = [{"image_id": image_id, **row} for row in seg.k_scores]
+        if entry is not None:
+            _save_entry(entry, rois, stack, image, scores)
+        roi_rows += rois
         crops.append(stack)
-        images.append(
-            {"image_id": image_id, "n_rois": len(rois), "reason": seg.reason, "note": seg.note,
-             "scale": seg.scale, "k": seg.k}
-        )  # fmt: skip
-        k_scores += [{"image_id": image_id, **row} for row in seg.k_scores]
-    return _combine(tables, crops, images, k_scores, p.roi_size_px)
-
-
-def _combine(tables, crops, images, k_scores, size) -> SegmentedImages:
-    tables = [t for t in tables if len(t)]
+        images.append({**image, "cached": False})
+        k_scores += scores
     return SegmentedImages(
-        pd.concat(tables, ignore_index=True)[ROI_COLUMNS]
-        if tables
-        else pd.DataFrame(columns=ROI_COLUMNS),
-        np.concatenate(crops) if crops else np.zeros((0, size, size, 3), np.uint8),
-        pd.DataFrame(images, columns=IMAGE_COLUMNS),
+        pd.DataFrame(roi_rows, columns=ROI_COLUMNS),
+        np.concatenate(crops) if crops else _no_crops(p.roi_size_px),
+        pd.DataFrame(images, columns=[*IMAGE_COLUMNS, "cached"]),
         pd.DataFrame(k_scores, columns=K_SCORE_COLUMNS),
+    )
+
+
+_ENTRY_INTS = ("x0", "y0", "x1", "y1", "area_px")
+_ENTRY_FLOATS = ("centroid_x", "centroid_y")
+
+
+def _save_entry(path: Path, rois: list[dict], crops: np.ndarray, image: dict, scores: list):
+    arrays = {c: np.array([r[c] for r in rois], dtype=np.int64) for c in _ENTRY_INTS}
+    arrays |= {c: np.array([r[c] for r in rois], dtype=np.float64) for c in _ENTRY_FLOATS}
+    drop_id = lambda row: {k: v for k, v in row.items() if k != "image_id"}  # noqa: E731
+    meta = {"image": drop_id(image), "k_scores": [drop_id(r) for r in scores]}
+    cache.save_arrays(path, {**arrays, "crops": crops}, meta)
+
+
+def _from_entry(arrays: dict, meta: dict, image_id: str):
+    """ROI records, crops, image row and k scores of a cache entry, under ``image_id``."""
+    n = len(arrays["crops"])
+    rois = [
+        {"roi_id": f"{image_id}#{i}", "image_id": image_id,
+         **{c: int(arrays[c][i]) for c in _ENTRY_INTS},
+         **{c: float(arrays[c][i]) for c in _ENTRY_FLOATS}}
+        for i in range(n)
+    ]  # fmt: skip
+    scores = [{"image_id": image_id, **row} for row in meta["k_scores"]]
+    return rois, arrays["crops"], {"image_id": image_id, **meta["image"]}, scores
+
+
+def _no_crops(size: int) -> np.ndarray:
+    return np.zeros((0, size, size, 3), np.uint8)
+
+
+def _concat(parts: Sequence[SegmentedImages], size: int, keep_crops: bool) -> SegmentedImages:
+    """One :class:`SegmentedImages` from the chunks' (crops dropped unless ``keep_crops``)."""
+
+    def cat(tables: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+        tables = [t for t in tables if len(t)]
+        if not tables:
+            return pd.DataFrame(columns=columns)
+        return pd.concat(tables, ignore_index=True)[columns]
+
+    crops = [p.crops for p in parts] if keep_crops else []
+    if parts and all("cached" in p.images for p in parts):
+        cached = sum(int(p.images["cached"].sum()) for p in parts)
+        n = sum(len(p.images) for p in parts)
+        log.info("segmented %d images; %d read from the cache", n - cached, cached)
+    return SegmentedImages(
+        cat([p.rois for p in parts], ROI_COLUMNS),
+        np.concatenate(crops) if crops else _no_crops(size),
+        cat([p.images for p in parts], IMAGE_COLUMNS),
+        cat([p.k_scores for p in parts], K_SCORE_COLUMNS),
     )
 
 
@@ -106,25 +177,33 @@ def iter_segmented(
     mask_paths: Sequence[str | Path] | None = None,
     n_workers: int = 1,
     chunk_size: int = 8,
+    image_sha256: Sequence[str] | None = None,
+    cache_dir: str | Path | None = None,
 ) -> Iterator[SegmentedImages]:
     """Yield the results of :func:`segment_images` chunk by chunk, in image order.
 
     dask computes the chunks in waves of ``8 * n_workers`` tasks on one
     process pool, so at most one wave of results is in memory: a caller that
     writes each chunk to disk (:class:`leukflow.io.CropStoreWriter`) keeps
-    memory flat in the number of images.
+    memory flat in the number of images. With ``cache_dir`` and the images'
+    ``image_sha256``, a field segmented before with the same parameters and
+    code is read from :mod:`leukflow.cache` instead; the ``images`` tables of
+    the chunks then carry a ``cached`` column.
     """
-    if len(paths) != len(image_ids):
-        raise ValueError(f"segment_images: {len(paths)} paths but {len(image_ids)} image ids")
-    masks = ["" if m is None else str(m) for m in (mask_paths or [""] * len(paths))]
-    if len(masks) != len(paths):
-        raise ValueError(f"segment_images: {len(paths)} paths but {len(masks)} mask paths")
+    n = len(paths)
+    masks = ["" if m is None else str(m) for m in (mask_paths or [""] * n)]
+    shas = list(image_sha256) if image_sha256 is not None else [""] * n
+    for name, values in (("image ids", image_ids), ("mask paths", masks), ("hashes", shas)):
+        if len(values) != n:
+            raise ValueError(f"segment_images: {n} paths but {len(values)} {name}")
     paths = [str(p) for p in paths]
     kwargs = asdict(params)
+    where = str(cache_dir) if cache_dir else ""
     tasks = [
         dask.delayed(_segment_chunk)(paths[i : i + chunk_size], image_ids[i : i + chunk_size],
-                                     masks[i : i + chunk_size], kwargs)
-        for i in range(0, len(paths), chunk_size)
+                                     masks[i : i + chunk_size], shas[i : i + chunk_size],
+                                     kwargs, where)
+        for i in range(0, n, chunk_size)
     ]  # fmt: skip
     log.info(
         "segmenting %d images with %s in %d tasks on %d workers",
@@ -151,6 +230,8 @@ def segment_images(
     mask_paths: Sequence[str | Path] | None = None,
     n_workers: int = 1,
     chunk_size: int = 8,
+    image_sha256: Sequence[str] | None = None,
+    cache_dir: str | Path | None = None,
 ) -> SegmentedImages:
     """Segment many fields in parallel with dask, one task per chunk of images.
 
@@ -167,6 +248,11 @@ def segment_images(
         Worker processes (the rule's ``threads``); 1 runs in this process.
     chunk_size : int
         Images per task.
+    image_sha256 : sequence of str, optional
+        Content hash of each image (the manifest's ``sha256``); with
+        ``cache_dir``, keys of the per-image cache (:mod:`leukflow.cache`).
+    cache_dir : str or Path, optional
+        Where segmentations are cached; ``None`` computes every field.
 
     Returns
     -------
@@ -176,17 +262,11 @@ def segment_images(
     """
     results = list(
         iter_segmented(
-            paths, image_ids, params=params, mask_paths=mask_paths,
-            n_workers=n_workers, chunk_size=chunk_size,
+            paths, image_ids, params=params, mask_paths=mask_paths, n_workers=n_workers,
+            chunk_size=chunk_size, image_sha256=image_sha256, cache_dir=cache_dir,
         )
     )  # fmt: skip
-    out = _combine(
-        [r.rois for r in results],
-        [r.crops for r in results],
-        [row for r in results for row in r.images.to_dict("records")],
-        [row for r in results for row in r.k_scores.to_dict("records")],
-        params.roi_size_px,
-    )
+    out = _concat(results, params.roi_size_px, keep_crops=True)
     missing = out.images[out.images["n_rois"] == 0]
     if len(missing):
         log.info(
@@ -206,6 +286,8 @@ def segment_to_store(
     mask_paths: Sequence[str | Path] | None = None,
     n_workers: int = 1,
     chunk_size: int = 8,
+    image_sha256: Sequence[str] | None = None,
+    cache_dir: str | Path | None = None,
 ) -> SegmentedImages:
     """Segment like :func:`segment_images`, streaming the crops into a zarr store.
 
@@ -213,17 +295,46 @@ def segment_to_store(
     (atomically: the store appears under its name only when complete); only
     the small tables are gathered. The returned ``crops`` is empty.
     """
-    tables, images, k_scores = [], [], []
+    parts = []
     with CropStoreWriter(crops_path, params.roi_size_px, attrs) as store:
         for part in iter_segmented(
-            paths, image_ids, params=params, mask_paths=mask_paths,
-            n_workers=n_workers, chunk_size=chunk_size,
+            paths, image_ids, params=params, mask_paths=mask_paths, n_workers=n_workers,
+            chunk_size=chunk_size, image_sha256=image_sha256, cache_dir=cache_dir,
         ):  # fmt: skip
             store.append(part.crops)
-            tables.append(part.rois)
-            images += part.images.to_dict("records")
-            k_scores += part.k_scores.to_dict("records")
-    return _combine(tables, [], images, k_scores, params.roi_size_px)
+            parts.append(part._replace(crops=None))
+    return _concat(parts, params.roi_size_px, keep_crops=False)
+
+
+#: Peak memory of one segmentation worker: interpreter and libraries, plus
+#: bytes per pixel of the largest field (float copies, masks and labels),
+#: measured with benchmarks/segment.py (about 270 MB + 43 B/px; with margin).
+WORKER_BASE_MB = 400
+WORKER_BYTES_PER_PX = 64
+
+
+def workers_for_memory(threads: int, mem_mb: int | None, max_pixels: int) -> int:
+    """Worker processes that fit ``mem_mb`` (the job's memory) for fields of ``max_pixels``.
+
+    At most ``threads``, at least 1; each worker is budgeted
+    :data:`WORKER_BASE_MB` plus :data:`WORKER_BYTES_PER_PX` per pixel.
+    """
+    if not mem_mb:
+        return max(1, threads)
+    per_worker = WORKER_BASE_MB + WORKER_BYTES_PER_PX * max_pixels / 2**20
+    return int(max(1, min(threads, mem_mb // per_worker)))
+
+
+def batch_of(image_ids: Sequence[str], n_batches: int) -> np.ndarray:
+    """Batch index of each image: a stable hash of its id modulo ``n_batches``.
+
+    The same id always lands in the same batch, whatever the listing order and
+    the other images, so batches do not shift when images are added.
+    """
+    return np.array(
+        [int(hashlib.sha1(i.encode()).hexdigest()[:8], 16) % n_batches for i in image_ids],
+        dtype=np.int64,
+    )
 
 
 def summarise_k_scores(k_scores: pd.DataFrame, labels: pd.Series) -> pd.DataFrame:

@@ -330,6 +330,22 @@ def extract_rois(
     crops : numpy.ndarray
         ``(n, roi_size_px, roi_size_px, 3)`` uint8.
     """
+    rows, stack = roi_records(
+        rgb, labels, roi_margin=roi_margin, roi_size_px=roi_size_px,
+        mask_background=mask_background,
+    )  # fmt: skip
+    return pd.DataFrame(rows, columns=ROI_COLUMNS[2:]), stack
+
+
+def roi_records(
+    rgb: np.ndarray,
+    labels: np.ndarray,
+    *,
+    roi_margin: float,
+    roi_size_px: int,
+    mask_background: bool,
+) -> tuple[list[dict], np.ndarray]:
+    """:func:`extract_rois` as plain records: no DataFrame per field on the hot path."""
     rows, crops = [], []
     for region in measure.regionprops(labels):
         r0, c0, r1, c1 = region.bbox
@@ -350,7 +366,7 @@ def extract_rois(
              "area_px": int(region.area), "centroid_x": float(cx), "centroid_y": float(cy)}
         )  # fmt: skip
     stack = np.stack(crops) if crops else np.zeros((0, roi_size_px, roi_size_px, 3), np.uint8)
-    return pd.DataFrame(rows, columns=ROI_COLUMNS[2:]), stack
+    return rows, stack
 
 
 def _crop_padded(
@@ -380,23 +396,32 @@ def field_rois(
     crops : numpy.ndarray
         ``(n, roi_size_px, roi_size_px, 3)`` uint8, cut from the field as segmented.
     """
+    rows, crops = field_roi_records(seg, image_id, params)
+    return pd.DataFrame(rows, columns=ROI_COLUMNS), crops
+
+
+def field_roi_records(
+    seg: FieldSegmentation, image_id: str, params: SegmentParams
+) -> tuple[list[dict], np.ndarray]:
+    """:func:`field_rois` as plain records (one dict per ROI, :data:`ROI_COLUMNS` keys)."""
     margin = params.roi_margin if METHODS[params.method].uses_margin else 0.0
-    rois, crops = extract_rois(
+    rows, crops = roi_records(
         seg.rgb,
         seg.labels,
         roi_margin=margin,
         roi_size_px=params.roi_size_px,
         mask_background=params.mask_background,
     )
-    if seg.scale != 1:
-        s = seg.scale
-        for c in ("x0", "y0"):
-            rois[c] = np.floor(rois[c] / s).astype(int)
-        for c in ("x1", "y1"):
-            rois[c] = np.ceil(rois[c] / s).astype(int)
-        rois["area_px"] = np.round(rois["area_px"] / s**2).astype(int)
-        for c in ("centroid_x", "centroid_y"):
-            rois[c] = (rois[c] + 0.5) / s - 0.5
-    rois.insert(0, "image_id", image_id)
-    rois.insert(0, "roi_id", [f"{image_id}#{i}" for i in range(len(rois))])
-    return rois, crops
+    s = seg.scale
+    out = []
+    for i, row in enumerate(rows):
+        if s != 1:
+            row = {
+                "x0": int(np.floor(row["x0"] / s)), "y0": int(np.floor(row["y0"] / s)),
+                "x1": int(np.ceil(row["x1"] / s)), "y1": int(np.ceil(row["y1"] / s)),
+                "area_px": round(row["area_px"] / s**2),
+                "centroid_x": (row["centroid_x"] + 0.5) / s - 0.5,
+                "centroid_y": (row["centroid_y"] + 0.5) / s - 0.5,
+            }  # fmt: skip
+        out.append({"roi_id": f"{image_id}#{i}", "image_id": image_id, **row})
+    return out, crops
