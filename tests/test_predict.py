@@ -125,7 +125,7 @@ def test_predict_cli_calls_new_fields_and_reports_a_corrupt_one(e2e_run, new_fie
         "image", "roi", "x0", "y0", "x1", "y1", "area_px", "centroid_x", "centroid_y",
         "proba_ALL", "proba_healthy", "label", "score",
     ]  # fmt: skip
-    np.testing.assert_allclose(rois[["proba_ALL", "proba_healthy"]].sum(1), 1.0)
+    np.testing.assert_allclose(rois[["proba_ALL", "proba_healthy"]].sum(axis=1), 1.0)
     cells = pd.read_csv(new_fields / "cells.csv")
     rois["name"] = rois["image"].map(lambda p: "images/" + p.rsplit("/", 1)[1])
     hits = sum(
