@@ -25,6 +25,11 @@ validate_config(
 )
 
 
+# `snakemake --report report.html`: the outputs marked report() in the rules,
+# by stage, with the captions in workflow/report/.
+report: "workflow/report/workflow.rst"
+
+
 include: "workflow/rules/common.smk"
 include: "workflow/rules/ingest.smk"
 include: "workflow/rules/segment.smk"

@@ -12,7 +12,6 @@ import pytest
 import yaml
 import zarr
 
-from leukflow.demo import draw_demo_dataset
 from leukflow.io import open_embeddings
 from leukflow.segment import match_rois_to_boxes
 
@@ -52,30 +51,6 @@ def test_bad_config_fails_before_any_job(tmp_path):
     assert "folds.k: expected a value of type integer; got 'x'" in err
     assert str(bad) in err
     assert not (tmp_path / "results").exists()
-
-
-@pytest.fixture(scope="module")
-def e2e_run(tmp_path_factory):
-    """A real run on 12 demo fields plus one corrupt file, small and fast settings."""
-    work = tmp_path_factory.mktemp("e2e")
-    demo = work / "demo"
-    draw_demo_dataset(demo, n_fields=12, seed=3, fields_per_patient=2)
-    whole = (demo / "images" / "field_000.png").read_bytes()
-    (demo / "images" / "field_999.png").write_bytes(whole[: len(whole) // 2])  # truncated
-    with open(demo / "labels.csv", "a") as f:
-        f.write("images/field_999.png,ALL,P05\n")
-    config = {
-        "results_dir": "out",
-        "datasets": {"demo": {"format": "demo", "root": "demo"}},
-        "segmentation": {"roi_size_px": 32},
-        "folds": {"k": 3},
-        "encoders": {"resnet18": {"epochs": 2, "batch_size": 16}},
-        "classifiers": {"random_forest": {"n_estimators": 50}, "knn": {"n_neighbors": 3}},
-    }
-    (work / "my.yaml").write_text(yaml.safe_dump(config))
-    run = snakemake(work, "--configfile", "my.yaml")
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return work, work / "out"
 
 
 @pytest.mark.e2e

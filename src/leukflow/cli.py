@@ -53,6 +53,73 @@ def _metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", required=True, metavar="RESULTS_DIR", help="results_dir of a finished run"
+    )
+    for kind in ("dataset", "encoder", "classifier"):
+        parser.add_argument(
+            f"--{kind}", help=f"which of the run's {kind}s (default: the first, alphabetically)"
+        )
+    parser.add_argument(
+        "--device", help="torch device for the encoders (default: cuda when present, else cpu)"
+    )
+
+
+def _load_predictor(args: argparse.Namespace):
+    from leukflow.predict import load_predictor
+
+    predictor = load_predictor(
+        args.model,
+        dataset=args.dataset,
+        encoder=args.encoder,
+        classifier=args.classifier,
+        device=args.device,
+    )
+    for note in predictor.notes:
+        print(f"leukflow {args.command}: note: {note}", file=sys.stderr)  # noqa: T201
+    return predictor
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import logging
+
+    from leukflow.predict import image_table_path, predict_paths
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    predictor = _load_predictor(args)
+    images = predict_paths(
+        predictor, args.images, out=args.out, overlay_dir=args.overlays, chunk_size=args.chunk_size
+    )
+    ok = images["status"] == "ok"
+    calls = images.loc[ok, "label"].value_counts().to_dict()
+    reasons = images.loc[images["reason"] != "", "reason"].value_counts().to_dict()
+    print(  # noqa: T201
+        f"{len(images)} images ({predictor.dataset} / {predictor.encoder} / "
+        f"{predictor.classifier}, {len(predictor.folds)} folds averaged, {predictor.device}): "
+        f"calls {calls}; without ROIs or unreadable {reasons or 'none'}\n"
+        f"ROIs: {args.out}\nimages: {image_table_path(args.out)}"
+    )
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from leukflow.serve import create_app, serve
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app = create_app(
+        _load_predictor(args), max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels
+    )
+    serve(app, host=args.host, port=args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser of the ``leukflow`` command."""
     parser = argparse.ArgumentParser(
@@ -73,6 +140,39 @@ def build_parser() -> argparse.ArgumentParser:
     show = sub.add_parser("metrics", help="print the mean ± std metrics of a finished run")
     show.add_argument("results_dir", help="the run's results_dir")
     show.set_defaults(func=_metrics)
+    predict = sub.add_parser(
+        "predict",
+        help="apply a finished run's segmentation, encoders and classifier to new images",
+        description="Per-ROI probabilities (the mean of the fold models') to OUT, one call "
+        "per image to OUT's <stem>_images.csv, and an overlay PNG per image.",
+    )
+    _model_args(predict)
+    predict.add_argument("--out", required=True, help="per-ROI CSV to write (e.g. preds.csv)")
+    predict.add_argument(
+        "--overlays", help="folder for the overlay PNGs (default: <out stem>_overlays)"
+    )
+    predict.add_argument(
+        "--chunk-size", type=int, help="images per encoder batch (default: the run's)"
+    )
+    predict.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+    predict.set_defaults(func=_predict)
+    review = sub.add_parser(
+        "serve",
+        help="a local web page: upload an image, see its cells outlined and called",
+        description="Upload a smear field or a cell image; see the segmented cells with "
+        "their class and probability, the image-level call, and download the CSV.",
+    )
+    _model_args(review)
+    review.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
+    review.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free)")
+    review.add_argument(
+        "--max-upload-mb", type=float, default=20, help="largest upload in MB (default 20)"
+    )
+    review.add_argument(
+        "--max-pixels", type=int, default=40_000_000,
+        help="largest image in pixels (default 40,000,000)",
+    )  # fmt: skip
+    review.set_defaults(func=_serve)
     return parser
 
 

@@ -25,21 +25,41 @@ rule fit_classifiers:
             classifier=CLASSIFIERS,
             fold=FOLDS,
         ),
-        confusion=expand(
-            result("plots/{{dataset}}/{{encoder}}/{classifier}_confusion.png"),
-            classifier=CLASSIFIERS,
+        confusion=report(
+            expand(
+                result("plots/{{dataset}}/{{encoder}}/{classifier}_confusion.png"),
+                classifier=CLASSIFIERS,
+            ),
+            caption="../report/confusion.rst",
+            category="5. Plots",
+            subcategory="{dataset} / {encoder}",
         ),
-        roc=expand(
-            result("plots/{{dataset}}/{{encoder}}/{classifier}_roc.png"),
-            classifier=CLASSIFIERS,
+        roc=report(
+            expand(
+                result("plots/{{dataset}}/{{encoder}}/{classifier}_roc.png"),
+                classifier=CLASSIFIERS,
+            ),
+            caption="../report/roc.rst",
+            category="5. Plots",
+            subcategory="{dataset} / {encoder}",
         ),
-        calibration=expand(
-            result("plots/{{dataset}}/{{encoder}}/{classifier}_calibration.png"),
-            classifier=CLASSIFIERS,
+        calibration=report(
+            expand(
+                result("plots/{{dataset}}/{{encoder}}/{classifier}_calibration.png"),
+                classifier=CLASSIFIERS,
+            ),
+            caption="../report/calibration.rst",
+            category="5. Plots",
+            subcategory="{dataset} / {encoder}",
         ),
-        wbc_count=expand(
-            result("plots/{{dataset}}/{{encoder}}/{classifier}_wbc_count.png"),
-            classifier=CLASSIFIERS,
+        wbc_count=report(
+            expand(
+                result("plots/{{dataset}}/{{encoder}}/{classifier}_wbc_count.png"),
+                classifier=CLASSIFIERS,
+            ),
+            caption="../report/wbc_count.rst",
+            category="5. Plots",
+            subcategory="{dataset} / {encoder}",
         ),
     log:
         logfile("evaluate/{dataset}/{encoder}.log"),
@@ -74,8 +94,18 @@ rule summarise_metrics:
             encoder=ENCODERS,
         ),
     output:
-        metrics=result("metrics.csv"),
-        metrics_per_class=result("metrics_per_class.csv"),
+        metrics=report(
+            result("metrics.csv"),
+            caption="../report/metrics.rst",
+            category="4. Metrics",
+            subcategory="all datasets",
+        ),
+        metrics_per_class=report(
+            result("metrics_per_class.csv"),
+            caption="../report/metrics_per_class.rst",
+            category="4. Metrics",
+            subcategory="all datasets",
+        ),
     log:
         logfile("evaluate/summarise_metrics.log"),
     benchmark:

@@ -27,8 +27,18 @@ rule ingest_images:
         dataset_inputs,
     output:
         manifest=result("manifest.parquet"),
-        rejects=result("rejects.csv"),
-        duplicates=result("duplicates.csv"),
+        rejects=report(
+            result("rejects.csv"),
+            caption="../report/rejects.rst",
+            category="1. Ingest",
+            subcategory="rejects and duplicates",
+        ),
+        duplicates=report(
+            result("duplicates.csv"),
+            caption="../report/duplicates.rst",
+            category="1. Ingest",
+            subcategory="rejects and duplicates",
+        ),
     log:
         logfile("ingest/ingest_images.log"),
     benchmark:

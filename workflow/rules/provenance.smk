@@ -6,7 +6,12 @@ rule write_provenance:
     input:
         manifest=result("manifest.parquet"),
     output:
-        result("provenance.json"),
+        report(
+            result("provenance.json"),
+            caption="../report/provenance.rst",
+            category="1. Ingest",
+            subcategory="dataset summary and provenance",
+        ),
     log:
         logfile("provenance.log"),
     benchmark:

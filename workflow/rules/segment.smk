@@ -56,7 +56,12 @@ rule merge_segments:
         rois=result("segment/{dataset}/rois.parquet"),
         crops=directory(result("segment/{dataset}/crops.zarr")),
         images=result("segment/{dataset}/images.parquet"),
-        kmeans_scores=result("segment/{dataset}/kmeans_scores.csv"),
+        kmeans_scores=report(
+            result("segment/{dataset}/kmeans_scores.csv"),
+            caption="../report/kmeans_scores.rst",
+            category="2. Segmentation",
+            subcategory="{dataset}",
+        ),
     log:
         logfile("segment/{dataset}.log"),
     benchmark:
@@ -91,10 +96,23 @@ rule score_segmentation:
     input:
         manifest=result("manifest.parquet"),
     output:
-        per_image=result("qa/{dataset}/per_image.csv"),
-        summary=result("qa/{dataset}/summary.csv"),
-        overlays=expand(
-            result("qa/{{dataset}}/overlays_{method}.png"), method=QA_METHODS
+        per_image=report(
+            result("qa/{dataset}/per_image.csv"),
+            caption="../report/qa_per_image.rst",
+            category="2. Segmentation",
+            subcategory="{dataset}",
+        ),
+        summary=report(
+            result("qa/{dataset}/summary.csv"),
+            caption="../report/qa_summary.rst",
+            category="2. Segmentation",
+            subcategory="{dataset}",
+        ),
+        overlays=report(
+            expand(result("qa/{{dataset}}/overlays_{method}.png"), method=QA_METHODS),
+            caption="../report/qa_overlays.rst",
+            category="2. Segmentation",
+            subcategory="{dataset}",
         ),
     log:
         logfile("qa/{dataset}.log"),

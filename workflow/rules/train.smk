@@ -10,7 +10,12 @@ rule train_encoder:
         folds=result("folds.csv"),
     output:
         checkpoint=result("train/{dataset}/{encoder}/{part}.pt"),
-        history=result("train/{dataset}/{encoder}/{part}_history.csv"),
+        history=report(
+            result("train/{dataset}/{encoder}/{part}_history.csv"),
+            caption="../report/history.rst",
+            category="3. Training",
+            subcategory="{dataset} / {encoder}",
+        ),
     log:
         logfile("train/{dataset}/{encoder}/{part}.log"),
     benchmark:

@@ -1,0 +1,649 @@
+"""Predict: apply a finished run's segmentation, encoders and classifiers to new images.
+
+A results folder holds everything needed: ``provenance.json`` (the resolved
+config the run used), one encoder checkpoint per fold
+(``train/<dataset>/<encoder>/fold_<k>.pt``) and one fitted classifier per fold
+(``evaluate/<dataset>/<encoder>/models/<classifier>_fold_<k>.skops``, read
+with :func:`leukflow.evaluate.load_model`, which refuses non-scikit-learn
+types). :func:`load_predictor` checks that these files agree with each other
+and with the config before anything is predicted.
+
+A new image has no test fold, so every fold's model gives its opinion: each
+ROI goes through each fold's encoder and that fold's classifier, and the
+ROI's class probabilities are the **mean of the folds' probabilities** (a
+fold whose classifier never saw a label gives it probability 0). The ROI's
+call is the label of highest mean probability. Image-level calls aggregate
+the ROIs exactly as the run did (``evaluation.image_aggregation``, see
+:func:`leukflow.evaluate.aggregate_images`); an image without ROIs is called
+negative.
+
+Images are processed in chunks of ``segmentation.chunk_size``, so memory does
+not grow with the number of images; an unreadable image, or one in which no
+white cell is found, gets a row with the reason and the run goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from sklearn.pipeline import Pipeline
+from tqdm.auto import tqdm
+
+from leukflow.evaluate import NO_ROI, PROBA_PREFIX, aggregate_images, load_model
+from leukflow.io import InvalidInputError, atomic_path, read_image, sha256_file
+from leukflow.provenance import read_provenance
+from leukflow.segment import SegmentParams, field_rois, segment_field
+
+log = logging.getLogger(__name__)
+
+#: Files :func:`iter_image_paths` takes from a folder (case-insensitive suffixes).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+#: Columns of the per-ROI table, before the ``proba_<class>`` columns and after them.
+ROI_PREFIX_COLUMNS = [
+    "image",
+    "roi",
+    "x0",
+    "y0",
+    "x1",
+    "y1",
+    "area_px",
+    "centroid_x",
+    "centroid_y",
+]
+ROI_SUFFIX_COLUMNS = ["label", "score"]
+#: Columns of the per-image table.
+IMAGE_TABLE_COLUMNS = [
+    "image", "status", "reason", "message", "width", "height", "n_rois",
+    "label", "score", "pred_class", "overlay",
+]  # fmt: skip
+
+
+class ModelMismatchError(ValueError):
+    """The files of a results folder disagree with each other or with its config."""
+
+
+@dataclass
+class FoldModel:
+    """One fold's encoder and classifier.
+
+    Attributes
+    ----------
+    fold : int
+        The fold whose training part fitted both.
+    embed : callable
+        ``(n, S, S, 3)`` uint8 crops -> ``(n, dim)`` float32 embeddings.
+    classifier : sklearn.pipeline.Pipeline
+        Fitted on that fold's embeddings.
+    checkpoint : dict
+        The encoder checkpoint's metadata (``arch``, ``classes``,
+        ``input_size_px``, ``mean``, ``std``; no weights).
+    """
+
+    fold: int
+    embed: Callable[[np.ndarray], np.ndarray]
+    classifier: Pipeline
+    checkpoint: dict[str, Any]
+
+
+@dataclass
+class Predictor:
+    """A trained pipeline, ready for new images (see :func:`load_predictor`).
+
+    Attributes
+    ----------
+    results_dir : Path
+        Where it was loaded from.
+    dataset, encoder, classifier : str
+        Which of the run's models it applies.
+    params : SegmentParams
+        The run's segmentation.
+    folds : list of FoldModel
+        One per fold; their probabilities are averaged.
+    classes : list of str
+        Every label the run trained on, sorted (the ``proba_<class>`` columns).
+    positive_label, image_aggregation : str
+        From the run's config.
+    any_positive_threshold : float
+        From the run's config.
+    device : torch.device
+        Where the encoders run.
+    chunk_size : int
+        Images per encoder batch (the run's ``segmentation.chunk_size``).
+    notes : list of str
+        Choices made for the user (e.g. which of several classifiers).
+    """
+
+    results_dir: Path
+    dataset: str
+    encoder: str
+    classifier: str
+    params: SegmentParams
+    folds: list[FoldModel]
+    classes: list[str]
+    positive_label: str
+    image_aggregation: str
+    any_positive_threshold: float
+    device: torch.device
+    chunk_size: int = 8
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def proba_columns(self) -> list[str]:
+        """``proba_<class>`` column names, in :attr:`classes` order."""
+        return [PROBA_PREFIX + c for c in self.classes]
+
+    @property
+    def negative_label(self) -> str:
+        """The image call when not positive: the one other class, else ``not_<positive>``."""
+        others = [c for c in self.classes if c != self.positive_label]
+        return others[0] if len(others) == 1 else "not_" + self.positive_label
+
+
+# ------------------------------------------------------------------ loading
+
+
+def _fold_encoder(
+    path: Path, device: torch.device
+) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any], int]:
+    """Load one fold's encoder: the only place that knows models.py and embed.py.
+
+    Returns
+    -------
+    embed : callable
+        ``(n, S, S, 3)`` uint8 -> ``(n, dim)`` float32 (penultimate layer).
+    checkpoint : dict
+        The checkpoint without its weights.
+    dim : int
+        The embedding dimension.
+    """
+    from leukflow.embed import embed_crops
+    from leukflow.models import load_encoder
+
+    model, checkpoint = load_encoder(path)
+    model = model.to(device)
+    meta = {k: v for k, v in checkpoint.items() if k != "state_dict"}
+
+    def embed(crops: np.ndarray) -> np.ndarray:
+        return embed_crops(model, crops, mean=meta["mean"], std=meta["std"], device=device)
+
+    return embed, meta, int(model.fc.in_features)
+
+
+def _choose(kind: str, wanted: str | None, available: Sequence[str], where: str) -> str:
+    """Pick ``wanted`` among ``available`` (default: the first, noted when there are several)."""
+    if not available:
+        raise ModelMismatchError(f"load_predictor: no {kind} in {where}")
+    if wanted is None:
+        return available[0]
+    if wanted not in available:
+        raise ValueError(
+            f"load_predictor: {kind} {wanted!r} is not in the run; expected one of "
+            f"{list(available)} (from {where})"
+        )
+    return wanted
+
+
+def load_predictor(
+    results_dir: str | Path,
+    *,
+    dataset: str | None = None,
+    encoder: str | None = None,
+    classifier: str | None = None,
+    folds: Sequence[int] | None = None,
+    device: torch.device | str | None = None,
+) -> Predictor:
+    """Load a finished run's models for one dataset, encoder and classifier.
+
+    Parameters
+    ----------
+    results_dir : str or Path
+        The run's ``results_dir`` (holding ``provenance.json``).
+    dataset, encoder, classifier : str, optional
+        Which models to apply; each defaults to the first in the run's config
+        (with a note in :attr:`Predictor.notes` when the run has several).
+    folds : sequence of int, optional
+        Use only these folds' models (default: all ``folds.k``).
+    device : torch.device or str, optional
+        Where the encoders run; CUDA when present, else CPU.
+
+    Returns
+    -------
+    Predictor
+
+    Raises
+    ------
+    FileNotFoundError
+        No ``provenance.json``, or a fold's checkpoint or classifier is missing.
+    ModelMismatchError
+        A checkpoint's architecture, input size or classes, or a classifier's
+        features or classes, do not match the config or each other.
+    """
+    results_dir = Path(results_dir)
+    config = read_provenance(results_dir)["config"]
+    where = f"{results_dir}/provenance.json"
+    notes = []
+    chosen = {}
+    for kind, wanted, available in (
+        ("dataset", dataset, list(config["datasets"])),
+        ("encoder", encoder, list(config["encoders"])),
+        ("classifier", classifier, list(config["classifiers"])),
+    ):
+        chosen[kind] = _choose(kind, wanted, available, where)
+        if wanted is None and len(available) > 1:
+            notes.append(
+                f"{kind} {chosen[kind]!r} chosen, the first of {available}; "
+                f"pick another with --{kind}"
+            )
+    dataset, encoder, classifier = chosen["dataset"], chosen["encoder"], chosen["classifier"]
+    k = int(config["folds"]["k"])
+    folds = list(range(k)) if folds is None else [int(f) for f in folds]
+    if not folds or not set(folds) <= set(range(k)):
+        raise ValueError(
+            f"load_predictor: folds must be a non-empty subset of 0..{k - 1}; got {folds}"
+        )
+    device = torch.device(device) if device is not None else _default_device()
+    params = SegmentParams.from_mapping(config["segmentation"])
+    arch = config["encoders"][encoder]["arch"]
+    store_attrs = _embedding_attrs(results_dir / "embeddings" / dataset / f"{encoder}.zarr")
+    fold_models = []
+    for fold in folds:
+        ckpt_path = results_dir / "train" / dataset / encoder / f"fold_{fold}.pt"
+        clf_path = (
+            results_dir
+            / "evaluate"
+            / dataset
+            / encoder
+            / "models"
+            / f"{classifier}_fold_{fold}.skops"
+        )
+        for path in (ckpt_path, clf_path):
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"load_predictor: {path} is missing; the run in {results_dir} "
+                    f"is unfinished or was made with another config"
+                )
+        embed, meta, dim = _fold_encoder(ckpt_path, device)
+        clf = load_model(clf_path)
+        _check_fold(
+            meta, dim, clf, fold=fold, arch=arch, params=params, ckpt=ckpt_path, clf_path=clf_path
+        )
+        expected_sha = store_attrs.get(f"fold_{fold}", {}).get("weights_sha256")
+        if expected_sha is not None and expected_sha != sha256_file(ckpt_path):
+            raise ModelMismatchError(
+                f"load_predictor: {ckpt_path} is not the checkpoint that made the run's "
+                f"embeddings (sha256 differs from embeddings/{dataset}/{encoder}.zarr)"
+            )
+        fold_models.append(FoldModel(fold, embed, clf, meta))
+    classes = sorted(set().union(*(map(str, f.classifier.classes_) for f in fold_models)))
+    positive = config["positive_label"]
+    if positive not in classes:
+        notes.append(f"positive_label {positive!r} is not among the classes {classes}")
+    log.info(
+        "loaded %s / %s / %s: %d folds on %s, classes %s", dataset, encoder, classifier,
+        len(fold_models), device, classes,
+    )  # fmt: skip
+    return Predictor(
+        results_dir=results_dir,
+        dataset=dataset,
+        encoder=encoder,
+        classifier=classifier,
+        params=params,
+        folds=fold_models,
+        classes=classes,
+        positive_label=positive,
+        image_aggregation=config["evaluation"]["image_aggregation"],
+        any_positive_threshold=float(config["evaluation"]["any_positive_threshold"]),
+        device=device,
+        chunk_size=int(config["segmentation"]["chunk_size"]),
+        notes=notes,
+    )
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _embedding_attrs(path: Path) -> dict[str, dict]:
+    """Per-array attributes of the run's embedding store ({} when it is absent)."""
+    if not path.is_dir():
+        return {}
+    from leukflow.io import open_embeddings
+
+    return {name: dict(arr.attrs) for name, arr in open_embeddings(path).items()}
+
+
+def _check_fold(
+    meta: dict, dim: int, clf: Pipeline, *, fold: int, arch: str, params: SegmentParams,
+    ckpt: Path, clf_path: Path,
+) -> None:  # fmt: skip
+    """Refuse a fold whose files disagree with the config or with each other."""
+    problems = []
+    if meta["arch"] != arch:
+        problems.append(f"{ckpt.name} is a {meta['arch']!r} encoder; the config says {arch!r}")
+    if int(meta["input_size_px"]) != params.roi_size_px:
+        problems.append(
+            f"{ckpt.name} was trained on {meta['input_size_px']} px crops; the config's "
+            f"segmentation.roi_size_px is {params.roi_size_px}"
+        )
+    n_features = getattr(clf, "n_features_in_", None)
+    if n_features is not None and int(n_features) != dim:
+        problems.append(f"{clf_path.name} expects {n_features} features; the encoder gives {dim}")
+    extra = sorted(set(map(str, clf.classes_)) - set(map(str, meta["classes"])))
+    if extra:
+        problems.append(
+            f"{clf_path.name} predicts classes {extra} that {ckpt.name} never saw "
+            f"(encoder classes {meta['classes']})"
+        )
+    if problems:
+        raise ModelMismatchError(
+            f"load_predictor: fold {fold} does not match the run's config: " + "; ".join(problems)
+        )
+
+
+# --------------------------------------------------------------- predicting
+
+
+def predict_crops(predictor: Predictor, crops: np.ndarray) -> np.ndarray:
+    """Mean class probabilities of ROI crops over the folds' models.
+
+    Parameters
+    ----------
+    predictor : Predictor
+        See :func:`load_predictor`.
+    crops : numpy.ndarray
+        ``(n, S, S, 3)`` uint8, ``S`` the run's ``roi_size_px``.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(n, len(predictor.classes))`` float64; rows sum to 1.
+    """
+    total = np.zeros((len(crops), len(predictor.classes)))
+    if not len(crops):
+        return total
+    for fold in predictor.folds:
+        proba = fold.classifier.predict_proba(fold.embed(crops))
+        for j, c in enumerate(map(str, fold.classifier.classes_)):
+            total[:, predictor.classes.index(c)] += proba[:, j]
+    return total / len(predictor.folds)
+
+
+@dataclass
+class FieldPrediction:
+    """What :func:`predict_field` finds in one image.
+
+    Attributes
+    ----------
+    rois : pandas.DataFrame
+        :data:`ROI_PREFIX_COLUMNS`, ``proba_<class>``, :data:`ROI_SUFFIX_COLUMNS`.
+    image : dict
+        One row of the image table (:data:`IMAGE_TABLE_COLUMNS`, ``overlay`` empty).
+    rgb : numpy.ndarray or None
+        The ``(H, W, 3)`` uint8 image, None when it could not be read.
+    """
+
+    rois: pd.DataFrame
+    image: dict[str, Any]
+    rgb: np.ndarray | None
+
+
+def _segment(
+    predictor: Predictor, rgb: np.ndarray, name: str
+) -> tuple[pd.DataFrame, np.ndarray, str, str]:
+    seg = segment_field(rgb, predictor.params)
+    if seg.reason:
+        return pd.DataFrame(), np.zeros((0,), np.uint8), seg.reason, seg.note
+    rois, crops = field_rois(seg, name, predictor.params)
+    return rois, crops, "", seg.note
+
+
+def predict_images(
+    predictor: Predictor,
+    images: Iterable[tuple[str, np.ndarray | Path | str]],
+    *,
+    chunk_size: int = 8,
+) -> Iterator[FieldPrediction]:
+    """Segment and classify images, a chunk at a time.
+
+    Parameters
+    ----------
+    predictor : Predictor
+        See :func:`load_predictor`.
+    images : iterable of (str, array or path)
+        Name and either an ``(H, W, 3)`` uint8 array or an image file. A file
+        that cannot be read gives a prediction with ``status`` ``error`` and
+        the reason (:class:`leukflow.io.InvalidInputError` codes).
+    chunk_size : int
+        Images whose crops go through the encoders together.
+
+    Yields
+    ------
+    FieldPrediction
+        One per image, in input order.
+    """
+    chunk: list[tuple[str, np.ndarray | None, str, str, pd.DataFrame, np.ndarray]] = []
+    for name, source in images:
+        try:
+            rgb = source if isinstance(source, np.ndarray) else read_image(source)
+            rois, crops, reason, note = _segment(predictor, rgb, name)
+            chunk.append((name, rgb, reason, note, rois, crops))
+        except InvalidInputError as err:
+            chunk.append((name, None, err.reason, str(err), pd.DataFrame(), np.zeros((0,))))
+        if len(chunk) >= chunk_size:
+            yield from _classify_chunk(predictor, chunk)
+            chunk = []
+    if chunk:
+        yield from _classify_chunk(predictor, chunk)
+
+
+def _classify_chunk(predictor: Predictor, chunk: list) -> Iterator[FieldPrediction]:
+    with_rois = [c[5] for c in chunk if len(c[4])]
+    crops = np.concatenate(with_rois) if with_rois else np.zeros((0,))
+    proba = predict_crops(predictor, crops)
+    start = 0
+    for name, rgb, reason, message, rois, _crops in chunk:
+        n = len(rois)
+        table = _roi_table(predictor, name, rois, proba[start : start + n])
+        start += n
+        yield FieldPrediction(table, _image_row(predictor, name, rgb, reason, message, table), rgb)
+
+
+def _roi_table(
+    predictor: Predictor, name: str, rois: pd.DataFrame, proba: np.ndarray
+) -> pd.DataFrame:
+    cols = [*ROI_PREFIX_COLUMNS, *predictor.proba_columns, *ROI_SUFFIX_COLUMNS]
+    if not len(rois):
+        return pd.DataFrame(columns=cols)
+    table = rois[ROI_PREFIX_COLUMNS[2:]].reset_index(drop=True)
+    table.insert(0, "roi", np.arange(len(rois)))
+    table.insert(0, "image", name)
+    table[predictor.proba_columns] = proba
+    table["label"] = [predictor.classes[i] for i in proba.argmax(1)]
+    pos = predictor.proba_columns[predictor.classes.index(predictor.positive_label)] if (
+        predictor.positive_label in predictor.classes) else None  # fmt: skip
+    table["score"] = table[pos] if pos else 0.0
+    return table[cols]
+
+
+def _image_row(
+    predictor: Predictor, name: str, rgb: np.ndarray | None, reason: str, message: str,
+    rois: pd.DataFrame,
+) -> dict[str, Any]:  # fmt: skip
+    row = dict.fromkeys(IMAGE_TABLE_COLUMNS, "")
+    row.update(image=name, reason=reason, message=message, n_rois=len(rois))
+    if rgb is None:
+        return row | {"status": "error", "width": 0, "height": 0, "score": np.nan}
+    row.update(width=rgb.shape[1], height=rgb.shape[0], status="ok")
+    if not len(rois):  # as aggregate_images calls an image without ROIs
+        return row | {"label": predictor.negative_label, "score": 0.0, "pred_class": NO_ROI,
+                      "reason": reason or "no_cell"}  # fmt: skip
+    # the run's own aggregation; it takes the negative call from the labels it is given
+    preds = rois.assign(classifier=predictor.classifier, image_id=name, roi_id=rois["roi"],
+                        pred=rois["label"])  # fmt: skip
+    images = pd.DataFrame({"image_id": [name], "label": [predictor.negative_label], "fold": [-1]})
+    call = aggregate_images(
+        preds,
+        images,
+        positive_label=predictor.positive_label,
+        method=predictor.image_aggregation,
+        threshold=predictor.any_positive_threshold,
+    ).iloc[0]
+    row.update(label=call["pred"], score=float(call["score"]), pred_class=call["pred_class"])
+    return row
+
+
+# ------------------------------------------------------------------ overlays
+
+
+def draw_overlay(rgb: np.ndarray, rois: pd.DataFrame, *, positive_label: str) -> np.ndarray:
+    """Outline each ROI with its call and probability.
+
+    Parameters
+    ----------
+    rgb : numpy.ndarray
+        ``(H, W, 3)`` uint8 image.
+    rois : pandas.DataFrame
+        Rows of a :class:`FieldPrediction`'s ``rois`` (``x0..y1``, ``label``,
+        ``proba_<label>``).
+    positive_label : str
+        ROIs called this are outlined in red, the others in blue.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(H, W, 3)`` uint8 copy with boxes and labels drawn.
+    """
+    im = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(im)
+    width = max(2, round(min(im.size) / 240))
+    font = ImageFont.load_default(size=max(12, round(min(im.size) / 32)))
+    for r in rois.to_dict("records"):
+        colour = (220, 20, 60) if r["label"] == positive_label else (30, 90, 230)
+        box = (int(r["x0"]), int(r["y0"]), int(r["x1"]) - 1, int(r["y1"]) - 1)
+        draw.rectangle(box, outline=colour, width=width)
+        prob = r[PROBA_PREFIX + str(r["label"])]
+        text = f"{r['roi']}: {r['label']} {prob:.2f}"
+        x, y = max(0, box[0]), max(0, box[1] - font.size - 4)
+        bbox = draw.textbbox((x, y), text, font=font)
+        draw.rectangle(bbox, fill=(255, 255, 255))
+        draw.text((x, y), text, fill=colour, font=font)
+    return np.asarray(im)
+
+
+# ------------------------------------------------------------------- folders
+
+
+def iter_image_paths(inputs: Sequence[str | Path]) -> Iterator[Path]:
+    """Image files named on the command line: files as given, folders searched recursively.
+
+    Folder contents are sorted and filtered by :data:`IMAGE_SUFFIXES`; a file
+    named explicitly is always taken (a bad one is reported, not skipped).
+
+    Raises
+    ------
+    FileNotFoundError
+        A named path does not exist.
+    """
+    for item in map(Path, inputs):
+        if item.is_dir():
+            for path in sorted(item.rglob("*")):
+                if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+                    yield path
+        elif item.exists():
+            yield item
+        else:
+            raise FileNotFoundError(f"predict: {item} does not exist")
+
+
+def _overlay_name(path: Path, used: set[str]) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem) or "image"
+    name, n = f"{stem}.png", 1
+    while name in used:
+        n += 1
+        name = f"{stem}_{n}.png"
+    used.add(name)
+    return name
+
+
+def image_table_path(out: str | Path) -> Path:
+    """Return the per-image table beside the per-ROI table ``out``: ``<stem>_images.csv``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}_images.csv")
+
+
+def predict_paths(
+    predictor: Predictor,
+    inputs: Sequence[str | Path],
+    *,
+    out: str | Path,
+    overlay_dir: str | Path | None = None,
+    chunk_size: int | None = None,
+    progress: bool | None = None,
+) -> pd.DataFrame:
+    """Predict image files and folders; write the ROI table, image table and overlays.
+
+    Parameters
+    ----------
+    predictor : Predictor
+        See :func:`load_predictor`.
+    inputs : sequence of str or Path
+        Image files and folders (see :func:`iter_image_paths`).
+    out : str or Path
+        Per-ROI CSV (:data:`ROI_PREFIX_COLUMNS`, ``proba_<class>``,
+        :data:`ROI_SUFFIX_COLUMNS`); the per-image CSV goes to
+        :func:`image_table_path`. Both are written row by row and moved into
+        place at the end.
+    overlay_dir : str or Path, optional
+        One PNG per readable image (default ``<out stem>_overlays/``).
+    chunk_size : int, optional
+        Images per encoder batch (default: the run's ``segmentation.chunk_size``).
+    progress : bool, optional
+        Show a tqdm bar (default: when stderr is a terminal).
+
+    Returns
+    -------
+    pandas.DataFrame
+        The per-image table (:data:`IMAGE_TABLE_COLUMNS`), small: one row per image.
+    """
+    out = Path(out)
+    overlay_dir = (
+        Path(overlay_dir) if overlay_dir is not None else out.with_name(f"{out.stem}_overlays")
+    )
+    overlay_dir.mkdir(parents=True, exist_ok=True)
+    chunk_size = chunk_size or predictor.chunk_size
+    paths = list(iter_image_paths(inputs))
+    used: set[str] = set()
+    rows = []
+    roi_cols = [*ROI_PREFIX_COLUMNS, *predictor.proba_columns, *ROI_SUFFIX_COLUMNS]
+    with atomic_path(out) as tmp_rois:
+        with open(tmp_rois, "w", newline="") as f:
+            pd.DataFrame(columns=roi_cols).to_csv(f, index=False)
+            results = predict_images(
+                predictor, ((str(p), p) for p in paths), chunk_size=chunk_size
+            )
+            bar = tqdm(results, total=len(paths), desc="predict", unit="image",
+                       disable=None if progress is None else not progress)  # fmt: skip
+            for pred, path in zip(bar, paths, strict=True):
+                if len(pred.rois):
+                    pred.rois.to_csv(f, index=False, header=False)
+                if pred.rgb is not None:
+                    overlay = overlay_dir / _overlay_name(path, used)
+                    png = draw_overlay(
+                        pred.rgb, pred.rois, positive_label=predictor.positive_label
+                    )
+                    Image.fromarray(png).save(overlay)
+                    pred.image["overlay"] = str(overlay)
+                rows.append(pred.image)
+        images = pd.DataFrame(rows, columns=IMAGE_TABLE_COLUMNS)
+        with atomic_path(image_table_path(out)) as tmp_images:
+            images.to_csv(tmp_images, index=False)
+    return images
