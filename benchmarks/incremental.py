@@ -1,6 +1,7 @@
 """Incremental re-runs: the cost of adding 5% new images to a finished run.
 
-Generates a `folders` dataset of demo fields (one sub-folder per class), runs
+Generates a `folders` dataset of demo fields resized to ALL-IDB1's 2592x1944
+(JPEG; one sub-folder per class), runs
 the workflow up to the ROI crops and their embeddings by a frozen encoder (HOG;
 ingest, segmentation batches, merge, embedding), then adds 5% new fields and
 runs again. Prints, in one run: the full run's time,
@@ -8,7 +9,7 @@ the time after adding the images, and how many images each run segmented (from
 the segmentation logs' "segmented N images; M read from the cache"); then
 checks that a third `snakemake -n` plans no job.
 
-    .venv/bin/python benchmarks/incremental.py [--n 400] [--cores 2]
+    .venv/bin/python benchmarks/incremental.py [--n 400] [--size 2592x1944] [--cores 2]
 
 Targets: the re-run takes <= 10% of the full run, and re-segments 0 old images.
 """
@@ -26,21 +27,24 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
+from PIL import Image
 
 from leukflow.demo import draw_demo_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def add_fields(smears: Path, n: int, seed: int, scratch: Path) -> None:
-    """Draw ``n`` demo fields and file them under ``smears/<label>/``."""
+def add_fields(smears: Path, n: int, seed: int, scratch: Path, size: tuple[int, int]) -> None:
+    """Draw ``n`` demo fields, resize them to ``size`` and file them under ``smears/<label>/``."""
     drawn = scratch / f"drawn_{seed}"
     draw_demo_dataset(drawn, n_fields=n, seed=seed, fields_per_patient=1)
     labels = pd.read_csv(drawn / "labels.csv")
     for row in labels.itertuples(index=False):
-        target = smears / row.label / f"s{seed}_{Path(row.image).name}"
+        target = smears / row.label / f"s{seed}_{Path(row.image).stem}.jpg"
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(drawn / row.image, target)
+        with Image.open(drawn / row.image) as im:
+            im.resize(size, Image.Resampling.BICUBIC).save(target, quality=92)
+    shutil.rmtree(drawn)
 
 
 def snakemake(work: Path, cores: int, *args: str) -> subprocess.CompletedProcess:
@@ -73,23 +77,26 @@ def timed(work: Path, cores: int, targets: list[str]) -> tuple[float, float]:
     wall = time.perf_counter() - start
     bench = work / "out" / "benchmarks"
     tsvs = [*(bench / "segment").rglob("*.tsv"), *(bench / "embed").rglob("*.tsv")]
-    jobs = sum(float(pd.read_csv(tsv, sep="\t")["s"].iloc[0]) for tsv in tsvs)
-    return wall, jobs
+    times = {str(t.relative_to(bench)): float(pd.read_csv(t, sep="\t")["s"].iloc[0]) for t in tsvs}
+    print("  jobs (s): " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(times.items())))
+    return wall, sum(times.values())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=400, help="images in the first run (400)")
+    parser.add_argument("--size", default="2592x1944",
+                        help="field size, WxH (default 2592x1944, ALL-IDB1's)")  # fmt: skip
     parser.add_argument("--cores", type=int, default=2)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="leukflow-incr-") as tmp:
         work = Path(tmp)
         smears = work / "smears"
-        add_fields(smears, args.n, seed=0, scratch=work)
+        size = tuple(int(v) for v in args.size.split("x"))
+        add_fields(smears, args.n, seed=0, scratch=work, size=size)
         config = {
             "results_dir": "out",
             "datasets": {"smears": {"format": "folders", "root": "smears"}},
-            "segmentation": {"batch_size": 100},
             # a frozen encoder: its embeddings depend on the image alone, so are cached
             "encoders": {"hog": {"arch": "hog", "training": "frozen"}},
         }
@@ -98,13 +105,13 @@ def main() -> None:
         full, full_jobs = timed(work, args.cores, targets)
         full_new, _, full_embed = segmented(work / "out")
         n_add = max(1, round(0.05 * args.n))
-        add_fields(smears, n_add, seed=1, scratch=work)
+        add_fields(smears, n_add, seed=1, scratch=work, size=size)
         again, again_jobs = timed(work, args.cores, targets)
         new, cached, embed = segmented(work / "out")
         dry = snakemake(work, args.cores, "-n", *targets)
         idle = "Nothing to be done" in dry.stdout + dry.stderr
-    print(f"full run, {args.n} images: segment+embed jobs {full_jobs:.1f} s (whole run with "
-          f"ingest and job start-up {full:.1f} s); {full_new} images segmented; "
+    print(f"full run, {args.n} images of {args.size}: segment+embed jobs {full_jobs:.1f} s "
+          f"(whole run with ingest and job start-up {full:.1f} s); {full_new} images segmented; "
           f"hog: {full_embed}")  # fmt: skip
     print(f"after adding {n_add} images (5%): segment+embed jobs {again_jobs:.1f} s = "
           f"{100 * again_jobs / full_jobs:.1f}% of the full run's (target <= 10%); "

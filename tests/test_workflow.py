@@ -220,3 +220,27 @@ def test_second_run_in_the_same_directory_is_refused_by_the_lock(tmp_path):
     finally:
         first.kill()
         first.wait()
+
+
+def _planned_after_edit(work: Path, name: str, edit) -> set[str]:
+    """Jobs a dry run plans after ``edit`` changes a copy of the run's config."""
+    config = yaml.safe_load((work / "my.yaml").read_text())
+    edit(config)
+    (work / name).write_text(yaml.safe_dump(config))
+    run = snakemake(work, "-n", "--configfile", name)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return set(job_counts(run.stdout + run.stderr))
+
+
+@pytest.mark.e2e
+def test_e2e_a_changed_parameter_redoes_its_stage_and_what_follows_only(e2e_run):
+    work, _ = e2e_run
+    refit = _planned_after_edit(
+        work, "knn.yaml", lambda c: c["classifiers"]["knn"].update(n_neighbors=5)
+    )
+    assert refit == {"fit_classifiers", "summarise_metrics", "write_provenance", "all"}
+    resegment = _planned_after_edit(
+        work, "seg.yaml", lambda c: c["segmentation"].update(min_area_px=300)
+    )
+    assert {"segment_batch", "merge_segments", "train_encoder", "embed_rois"} <= resegment
+    assert not resegment & {"ingest_images", "assign_folds", "draw_demo_data_demo"}

@@ -166,16 +166,21 @@ def _fold_encoder(
         The embedding dimension.
     """
     from leukflow.embed import embed_crops
-    from leukflow.models import load_encoder
+    from leukflow.models import encoder_from_checkpoint, load_checkpoint
 
-    model, checkpoint = load_encoder(path)
-    model = model.to(device)
+    checkpoint = load_checkpoint(path)
     meta = {k: v for k, v in checkpoint.items() if k != "state_dict"}
+    model = None if meta["arch"] == "hog" else encoder_from_checkpoint(checkpoint).to(device)
+    dim = int(meta["dim"]) if model is None else int(model.dim)
 
     def embed(crops: np.ndarray) -> np.ndarray:
-        return embed_crops(model, crops, mean=meta["mean"], std=meta["std"], device=device)
+        emb, _ = embed_crops(
+            model, crops, input_size_px=meta["input_size_px"], dim=dim,
+            mean=meta["mean"], std=meta["std"], device=device,
+        )  # fmt: skip
+        return emb
 
-    return embed, meta, int(model.fc.in_features)
+    return embed, meta, dim
 
 
 def _choose(kind: str, wanted: str | None, available: Sequence[str], where: str) -> str:
@@ -254,9 +259,12 @@ def load_predictor(
     params = SegmentParams.from_mapping(config["segmentation"])
     arch = config["encoders"][encoder]["arch"]
     store_attrs = _embedding_attrs(results_dir / "embeddings" / dataset / f"{encoder}.zarr")
+    shared = config["encoders"][encoder].get("training", "per_fold") in ("all_labels", "frozen")
     fold_models = []
     for fold in folds:
-        ckpt_path = results_dir / "train" / dataset / encoder / f"fold_{fold}.pt"
+        # an encoder trained once (all_labels) or not at all (frozen) serves every fold
+        part = f"fold_{fold}" if not shared else "all"
+        ckpt_path = results_dir / "train" / dataset / encoder / f"{part}.pt"
         clf_path = (
             results_dir
             / "evaluate"
@@ -276,7 +284,7 @@ def load_predictor(
         _check_fold(
             meta, dim, clf, fold=fold, arch=arch, params=params, ckpt=ckpt_path, clf_path=clf_path
         )
-        expected_sha = store_attrs.get(f"fold_{fold}", {}).get("weights_sha256")
+        expected_sha = store_attrs.get(part, {}).get("weights_sha256")
         if expected_sha is not None and expected_sha != sha256_file(ckpt_path):
             raise ModelMismatchError(
                 f"load_predictor: {ckpt_path} is not the checkpoint that made the run's "
