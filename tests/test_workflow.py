@@ -38,7 +38,7 @@ def test_dry_run_of_the_demo_config_plans_every_stage(tmp_path):
         "draw_demo_data_demo": 1, "ingest_images": 1, "segment_batch": 1, "merge_segments": 1,
         "gather_rois": 1, "score_segmentation": 1, "write_provenance": 1,
         "assign_folds": 1, "train_encoder": 5, "embed_rois": 1, "fit_classifiers": 1,
-        "summarise_metrics": 1, "all": 1,
+        "summarise_metrics": 1, "compare_to_papers": 1, "all": 1,
     }  # fmt: skip
 
 
