@@ -212,8 +212,8 @@ def test_e2e_every_rule_logged_and_benchmarked_and_rerun_does_nothing(e2e_run):
     logs = list((out / "logs").rglob("*.log"))
     benches = list((out / "benchmarks").rglob("*.tsv"))
     # ingest, segment batch, merge, gather, QA, folds, 3 x train, embed, fit, summarise,
-    # provenance
-    assert len(logs) == len(benches) == 13
+    # compare, provenance
+    assert len(logs) == len(benches) == 14
     assert all("leukflow 0.1.0" in p.read_text() for p in logs)
     rerun = snakemake(work, "--configfile", "my.yaml", "-n")
     assert rerun.returncode == 0
