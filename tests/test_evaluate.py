@@ -26,6 +26,7 @@ from leukflow.evaluate import (
     bootstrap_metrics,
     evaluate_embeddings,
     fit_predict_folds,
+    head_predictions,
     load_model,
     make_classifier,
     per_class_metrics,
@@ -33,6 +34,8 @@ from leukflow.evaluate import (
     score_folds,
     score_folds_per_class,
     score_pooled,
+    score_predictions,
+    vote_predictions,
 )
 from leukflow.folds import LeakageError
 from leukflow.io import InvalidInputError
@@ -861,6 +864,169 @@ def test_rare_label_does_not_break_the_svms(caplog):
     assert (preds["proba_basophil"] == 0).all()
     kept = preds[preds["label"] != "basophil"]
     assert (kept["pred"] == kept["label"]).mean() > 0.95
+
+
+# ------------------------------------------------- CNN softmax, votes, tuning
+
+
+def test_head_predictions_reads_each_folds_softmax_on_its_test_rois():
+    rois, _ = _blobs(k=3)
+    n = len(rois)
+    rng = np.random.default_rng(1)
+    probs = {}
+    for fold in range(3):
+        p_all = rng.uniform(size=n)
+        # the head's classes in another order than the sorted labels, and one extra
+        probs[fold] = np.column_stack([1 - p_all, p_all * 0.5, p_all * 0.5])
+    preds = head_predictions(probs, [NEG, POS, "blast2"], rois, positive_label=POS)
+    assert list(preds.columns[:7]) == [
+        "classifier", "fold", "roi_id", "image_id", "label", "pred", "score"
+    ]  # fmt: skip
+    assert (preds["classifier"] == "cnn_softmax").all()
+    assert sorted(preds["roi_id"]) == sorted(rois["roi_id"])
+    row_of = {r: i for i, r in enumerate(rois["roi_id"])}
+    for row in preds.itertuples():
+        p = probs[row.fold][row_of[row.roi_id]]
+        assert row.score == pytest.approx(p[1])
+        assert row.proba_HEM == pytest.approx(p[0])
+        assert row.pred == [NEG, POS, "blast2"][int(np.argmax(p))]
+    with pytest.raises(ValueError, match=r"fold 0 has probabilities of shape \(3, 2\)"):
+        head_predictions({0: np.zeros((3, 2))}, [NEG, POS], rois, positive_label=POS)
+
+
+def _member(preds, proba_all):
+    proba_all = np.asarray(proba_all, float)
+    return pd.DataFrame(
+        {
+            "classifier": "m",
+            "fold": [0, 0, 1],
+            "roi_id": ["a#0", "b#0", "c#0"],
+            "image_id": ["a", "b", "c"],
+            "label": [POS, NEG, POS],
+            "pred": preds,
+            "score": proba_all,
+            "proba_ALL": proba_all,
+            "proba_HEM": 1 - proba_all,
+        }
+    )
+
+
+def test_soft_and_majority_votes_hand_computed():
+    members = {
+        "e1/cnn_softmax": _member([POS, POS, NEG], [0.9, 0.6, 0.4]),
+        "e2/cnn_softmax": _member([POS, NEG, NEG], [0.7, 0.2, 0.45]),
+        # the third member lists its rows in another order
+        "e3/knn": _member([NEG, NEG, POS], [0.2, 0.1, 0.8]).iloc[::-1],
+    }
+    soft = vote_predictions(members, vote="soft", positive_label=POS, name="s3")
+    assert list(soft["roi_id"]) == ["a#0", "b#0", "c#0"]
+    np.testing.assert_allclose(soft["score"], [0.6, 0.3, 0.55])
+    assert list(soft["pred"]) == [POS, NEG, POS]
+    np.testing.assert_allclose(soft["proba_ALL"] + soft["proba_HEM"], 1.0)
+    major = vote_predictions(members, vote="majority", positive_label=POS, name="s3")
+    assert list(major["pred"]) == [POS, NEG, NEG]  # c: one of three calls ALL
+    np.testing.assert_allclose(major["score"], [2 / 3, 1 / 3, 1 / 3])
+    assert (major["classifier"] == "s3").all()
+
+
+def test_majority_vote_tie_goes_to_the_higher_mean_probability():
+    members = {
+        "a": _member([POS, NEG, NEG], [0.55, 0.1, 0.1]),
+        "b": _member([NEG, NEG, NEG], [0.1, 0.1, 0.1]),
+    }
+    major = vote_predictions(members, vote="majority", positive_label=POS, name="v")
+    assert major["pred"].iloc[0] == NEG  # 1:1, mean P(ALL) 0.325 < 0.5
+    members["b"] = _member([NEG, NEG, NEG], [0.49, 0.1, 0.1])
+    members["a"] = _member([POS, NEG, NEG], [0.99, 0.1, 0.1])
+    major = vote_predictions(members, vote="majority", positive_label=POS, name="v")
+    assert major["pred"].iloc[0] == POS  # 1:1, mean P(ALL) 0.74
+
+
+def test_vote_checks_members_and_vote():
+    one = _member([POS, NEG, POS], [0.9, 0.1, 0.8])
+    with pytest.raises(ValueError, match="needs >= 2 members"):
+        vote_predictions({"a": one}, vote="soft", positive_label=POS, name="v")
+    with pytest.raises(ValueError, match="vote must be one of"):
+        vote_predictions({"a": one, "b": one}, vote="mean", positive_label=POS, name="v")
+    with pytest.raises(ValueError, match="predicts other ROIs or folds"):
+        vote_predictions({"a": one, "b": one.iloc[:2]}, vote="soft", positive_label=POS, name="v")
+
+
+def test_soft_vote_of_classifiers_scores_like_any_classifier():
+    rois, embeddings = _blobs(label_per_image=True)
+    preds = fit_predict_folds(
+        embeddings,
+        rois,
+        classifiers={"knn": {"n_neighbors": 3}, "random_forest": {"n_estimators": 25, "seed": 0}},
+        positive_label=POS,
+    )
+    members = {c: preds[preds["classifier"] == c] for c in ("knn", "random_forest")}
+    vote = vote_predictions(members, vote="soft", positive_label=POS, name="rf_knn")
+    out = score_predictions(vote, _folds_of(rois), positive_label=POS, n_boot=50)
+    acc = out.metrics.query("fold == 'pooled' and metric == 'accuracy' and level == 'roi'")
+    assert acc["accuracy"].iloc[0] > 0.95
+    assert set(out.metrics["classifier"]) == {"rf_knn"}
+
+
+def test_grid_is_tuned_by_an_inner_grouped_cv_on_training_rois_only(monkeypatch, caplog):
+    rois, embeddings = _blobs(label_per_image=True)
+    rois = rois.assign(group="p" + (rois["image_id"].str[3:].astype(int) // 2).astype(str))
+    seen = []
+    real_fit = evaluate.GridSearchCV.fit
+
+    def spy(self, x, y, groups=None):
+        seen.append((np.array(x, copy=True), np.asarray(groups)))
+        return real_fit(self, x, y, groups=groups)
+
+    monkeypatch.setattr(evaluate.GridSearchCV, "fit", spy)
+    knn = {"knn": {"n_neighbors": 5, "grid": {"n_neighbors": [1, 3, 7]}}}
+    with caplog.at_level(logging.INFO, logger="leukflow.evaluate"):
+        preds, models = fit_predict_folds(
+            embeddings, rois, classifiers=knn, positive_label=POS, return_models=True
+        )
+    assert len(seen) == 3
+    for fold, (x, groups) in enumerate(seen):
+        assert len(x) == (rois["fold"] != fold).sum()
+        assert set(groups) == set(rois.loc[rois["fold"] != fold, "group"])
+    assert "inner 3-fold grouped CV chose {'model__n_neighbors'" in caplog.text
+    chosen = {m.named_steps["model"].n_neighbors for m in models.values()}
+    assert chosen <= {1, 3, 7}
+    assert (preds["pred"] == preds["label"]).mean() > 0.95
+
+
+def test_grid_parameters_of_svms_and_pca():
+    assert evaluate.grid_parameter("svm_rbf", "C") == "model__estimator__C"
+    assert evaluate.grid_parameter("knn", "pca_components") == "pca__n_components"
+    params = {"C": 1, "max_iter": 100, "grid": {"pca_components": [2, 4]}}
+    pipe = make_classifier("logistic_regression", params)
+    assert pipe.named_steps["pca"].n_components == 2
+
+
+def test_grid_needs_groups():
+    rois, embeddings = _blobs()
+    with pytest.raises(ValueError, match="needs the patient group"):
+        fit_predict_folds(
+            embeddings,
+            rois,
+            classifiers={"knn": {"n_neighbors": 3, "grid": {"n_neighbors": [1, 3]}}},
+            positive_label=POS,
+        )
+
+
+def test_holdout_training_only_images_are_never_scored():
+    rois, embeddings = _blobs(label_per_image=True, k=3)
+    # a holdout: fold 0 is the test part, folds 1 and 2 only train (fold -1)
+    rois["fold"] = np.where(rois["fold"] == 0, 0, -1)
+    folds = _folds_of(rois)
+    out = evaluate_embeddings(
+        {0: embeddings[0]}, rois, folds, classifiers={"knn": {"n_neighbors": 3}},
+        positive_label=POS, n_boot=50,
+    )  # fmt: skip
+    assert set(out.roi_predictions["fold"]) == {0}
+    assert len(out.roi_predictions) == (rois["fold"] == 0).sum()
+    assert len(out.image_predictions) == folds["fold"].eq(0).sum()
+    roi_folds = out.metrics.query("level == 'roi'")["fold"].unique()
+    assert list(roi_folds) == ["0", "mean", "std", "pooled"]
 
 
 # -------------------------------------------------------------------- real data

@@ -7,6 +7,7 @@ import pytest
 
 from leukflow.folds import (
     RARE_STRATUM,
+    TRAIN_ONLY,
     LeakageError,
     assign_folds,
     check_no_leakage,
@@ -203,6 +204,64 @@ def test_random_protocol_needs_k_images_and_a_known_protocol():
         assign_folds(_manifest(4, 1), k=5, seed=0, protocol="random")
     with pytest.raises(ValueError, match=r"protocol must be one of .*got 'leaky'"):
         assign_folds(_manifest(), k=5, seed=0, protocol="leaky")
+
+
+# ------------------------------------------------------------ holdout splits
+
+
+@pytest.mark.parametrize(("fraction", "n_test"), [(0.2, 20), (0.1, 10)])
+def test_random_holdout_is_the_seeds_leaky_80_20_and_80_10_10(fraction, n_test):
+    manifest = _manifest(n_patients=20, per_patient=5)  # 100 images, 50 per label
+    folds = assign_folds(manifest, k=K, seed=0, protocol="random", holdout_fraction=fraction)
+    assert folds["leaky"].all()
+    assert sorted(folds["fold"].unique()) == [TRAIN_ONLY, 0]
+    test = folds[folds["fold"] == 0]
+    assert len(test) == n_test
+    assert (test["label"].value_counts() == n_test // 2).all()  # stratified
+    # images, not patients: test patients have training images too
+    assert test["patient"].isin(folds.loc[folds["fold"] == TRAIN_ONLY, "patient"]).any()
+
+
+def test_grouped_holdout_is_the_honest_twin():
+    manifest = _manifest(n_patients=20, per_patient=5)
+    folds = assign_folds(manifest, k=K, seed=0, holdout_fraction=0.2)
+    assert not folds["leaky"].any()
+    assert sorted(folds["fold"].unique()) == [TRAIN_ONLY, 0]
+    assert (folds.groupby("patient")["fold"].nunique() == 1).all()
+    test = folds[folds["fold"] == 0]
+    assert test["patient"].nunique() == 4  # 20 patients / 5
+    assert (test.groupby("label")["patient"].nunique() == 2).all()
+    check_no_leakage(folds)
+
+
+def test_holdout_fraction_is_checked_and_rare_labels_warn(caplog):
+    with pytest.raises(ValueError, match=r"holdout_fraction must be 0 \(k-fold\)"):
+        assign_folds(_manifest(), k=K, seed=0, holdout_fraction=0.7)
+    with caplog.at_level(logging.WARNING, logger="leukflow.folds"):
+        folds = assign_folds(_with_rare(1), k=K, seed=0, holdout_fraction=0.1)
+    assert "'basophil' (1)" in caplog.text
+    assert "fewer members than k=10" in caplog.text
+    assert set(folds["fold"]) == {TRAIN_ONLY, 0}
+
+
+def test_protocol_per_dataset_makes_a_leaky_twin():
+    a = _manifest(dataset="clinic", per_patient=4)
+    twin = a.assign(
+        dataset="clinic_random", image_id=a["image_id"].str.replace("clinic/", "clinic_random/")
+    )
+    folds = assign_folds(
+        pd.concat([a, twin], ignore_index=True),
+        k=K,
+        seed=0,
+        protocol={"clinic": "grouped", "clinic_random": "random"},
+    )
+    by = folds.groupby("dataset")
+    assert by["leaky"].all().to_dict() == {"clinic": False, "clinic_random": True}
+    spread = folds.groupby(["dataset", "patient"])["fold"].nunique().groupby("dataset").max()
+    assert spread["clinic"] == 1
+    assert spread["clinic_random"] > 1
+    with pytest.raises(ValueError, match="protocol must be one of"):
+        assign_folds(a, k=K, seed=0, protocol={"clinic": "leaky"})
 
 
 # -------------------------------------------------- labels rarer than the folds

@@ -37,7 +37,7 @@ def test_dry_run_of_the_demo_config_plans_every_stage(tmp_path):
         "draw_demo_data_demo": 1, "ingest_images": 1, "segment_batch": 1, "merge_segments": 1,
         "gather_rois": 1, "score_segmentation": 1, "write_provenance": 1,
         "assign_folds": 1, "train_encoder": 5, "embed_rois": 1, "fit_classifiers": 1,
-        "summarise_metrics": 1, "all": 1,
+        "summarise_metrics": 1, "compare_to_papers": 1, "all": 1,
     }  # fmt: skip
 
 
@@ -187,8 +187,8 @@ def test_e2e_every_rule_logged_and_benchmarked_and_rerun_does_nothing(e2e_run):
     logs = list((out / "logs").rglob("*.log"))
     benches = list((out / "benchmarks").rglob("*.tsv"))
     # ingest, segment batch, merge, gather, QA, folds, 3 x train, embed, fit, summarise,
-    # provenance
-    assert len(logs) == len(benches) == 13
+    # compare, provenance
+    assert len(logs) == len(benches) == 14
     assert all("leukflow 0.1.0" in p.read_text() for p in logs)
     rerun = snakemake(work, "--configfile", "my.yaml", "-n")
     assert rerun.returncode == 0

@@ -33,6 +33,7 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
     roc_auc_score,
 )
+from sklearn.model_selection import GridSearchCV, StratifiedGroupKFold
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
@@ -60,6 +61,10 @@ COUNTS = ["tn", "fp", "fn", "tp", "n"]
 #: Columns of the ``pooled`` rows: the metric named, and its bootstrap interval.
 CI_COLUMNS = ["metric", "ci_low", "ci_high"]
 CLASSIFIERS = ("random_forest", "knn", "svm_rbf", "svm_linear", "logistic_regression")
+#: The encoder's own head (its softmax, read from the embedding store): a classifier
+#: that is not fitted here.
+CNN_SOFTMAX = "cnn_softmax"
+VOTES = ("soft", "majority")
 AGGREGATIONS = ("vote", "mean_probability", "any_positive")
 #: Inner folds of the Platt scaling of the SVMs (inside each training part).
 CALIBRATION_FOLDS = 5
@@ -117,15 +122,43 @@ def make_classifier(name: str, params: Mapping) -> Pipeline:
         )
     steps = [("scale", StandardScaler())]
     pca = params.get("pca_components")  # optional: a plain mapping may leave it out
+    grid = params.get("grid") or {}
+    if pca is None and grid.get("pca_components"):
+        pca = grid["pca_components"][0]  # a PCA step whose size the inner CV chooses
     if pca is not None:
         steps.append(("pca", PCA(n_components=int(pca), random_state=0)))
     return Pipeline([*steps, ("model", model)])
 
 
-def _fit(pipe: Pipeline, x: np.ndarray, y: np.ndarray, where: str) -> Pipeline:
-    """Fit ``pipe``, shrinking PCA and leaving out classes Platt scaling cannot split."""
+def grid_parameter(name: str, key: str) -> str:
+    """Name the pipeline parameter behind a config grid key (``C``: ``model__estimator__C``)."""
+    if key == "pca_components":
+        return "pca__n_components"
+    if name in ("svm_rbf", "svm_linear"):
+        return f"model__estimator__{key}"
+    return f"model__{key}"
+
+
+def _fit(
+    pipe: Pipeline,
+    x: np.ndarray,
+    y: np.ndarray,
+    where: str,
+    *,
+    groups: np.ndarray | None = None,
+    grid: Mapping[str, list] | None = None,
+    inner_folds: int = 3,
+) -> Pipeline:
+    """Fit ``pipe``, shrinking PCA and leaving out classes Platt scaling cannot split.
+
+    With a ``grid`` (config key -> candidate values), the values are chosen by
+    an inner :class:`~sklearn.model_selection.StratifiedGroupKFold` on this
+    training part only (``groups``: patient groups, so the inner test folds
+    hold unseen patients), scored by balanced accuracy; the pipeline refitted
+    on the whole training part with the best values is returned.
+    """
+    most = min(x.shape)
     if "pca" in pipe.named_steps:
-        most = min(x.shape)
         if pipe.named_steps["pca"].n_components > most:
             log.warning(
                 "%s: pca_components lowered to %d (training part is %s)", where, most, x.shape
@@ -144,7 +177,39 @@ def _fit(pipe: Pipeline, x: np.ndarray, y: np.ndarray, where: str) -> Pipeline:
             )
             keep = ~np.isin(y, rare)
             x, y = x[keep], y[keep]
-    return pipe.fit(x, y)
+            groups = None if groups is None else groups[keep]
+    if not grid:
+        return pipe.fit(x, y)
+    if groups is None:
+        raise ValueError(f"{where}: tuning a grid needs the patient group of every ROI")
+    n_splits = min(inner_folds, len(np.unique(groups)))
+    if n_splits < 2:
+        log.warning("%s: one patient group in the training part; grid not searched", where)
+        return pipe.fit(x, y)
+    name = where.split(" ")[0]
+    param_grid = {
+        grid_parameter(name, key): [min(v, most) if key == "pca_components" else v for v in vals]
+        for key, vals in grid.items()
+    }
+    search = GridSearchCV(
+        pipe,
+        param_grid,
+        cv=StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=0),
+        scoring="balanced_accuracy",
+        n_jobs=1,
+    )
+    with warnings.catch_warnings():
+        # rare labels cannot be in every inner fold; fold_strata warned about them
+        warnings.simplefilter("ignore", UserWarning)
+        search.fit(x, y, groups=groups)
+    log.info(
+        "%s: inner %d-fold grouped CV chose %s (balanced accuracy %.3f)",
+        where,
+        n_splits,
+        search.best_params_,
+        search.best_score_,
+    )
+    return search.best_estimator_
 
 
 def fit_predict_folds(
@@ -154,6 +219,7 @@ def fit_predict_folds(
     classifiers: Mapping[str, Mapping],
     positive_label: str,
     return_models: bool = False,
+    inner_folds: int = 3,
 ) -> pd.DataFrame | tuple[pd.DataFrame, dict[tuple[str, int], Pipeline]]:
     """Fit every classifier on each fold's training ROIs and predict its test ROIs.
 
@@ -163,14 +229,20 @@ def fit_predict_folds(
         Fold -> ``(n_rois, dim)`` embeddings of *all* ROIs by that fold's encoder,
         row-aligned with ``rois``.
     rois : pandas.DataFrame
-        ``roi_id, image_id, label, fold``.
+        ``roi_id, image_id, label, fold`` and, for classifiers with a ``grid``,
+        ``group`` (the patient group). ROIs of fold -1 (a holdout split's
+        training-only images) are trained on in every fold, never tested.
     classifiers : mapping
-        Classifier name -> parameters (see :func:`make_classifier`).
+        Classifier name -> parameters (see :func:`make_classifier`); an
+        optional ``grid`` (parameter -> candidate values) is searched by an
+        inner grouped CV of ``inner_folds`` folds on each training part.
     positive_label : str
         The class whose probability is reported as ``score``.
     return_models : bool
         Also return the fitted pipelines. A fold without test ROIs then still
         gets a fitted model (on all its training ROIs); otherwise it is skipped.
+    inner_folds : int
+        Inner folds of the grid search.
 
     Returns
     -------
@@ -194,8 +266,17 @@ def fit_predict_folds(
         if not test.any() and not return_models:
             continue
         y_train = rois.loc[train, "label"].to_numpy()
+        g_train = rois.loc[train, "group"].to_numpy() if "group" in rois else None
         for name, params in classifiers.items():
-            clf = _fit(make_classifier(name, params), emb[train], y_train, f"{name} fold {fold}")
+            clf = _fit(
+                make_classifier(name, params),
+                emb[train],
+                y_train,
+                f"{name} fold {fold}",
+                groups=g_train,
+                grid=params.get("grid"),
+                inner_folds=inner_folds,
+            )
             models[(name, fold)] = clf
             if not test.any():
                 continue
@@ -214,6 +295,136 @@ def fit_predict_folds(
     cols = ["classifier", "fold", "roi_id", "image_id", "label", "pred", "score", *proba_cols]
     preds = pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
     return (preds, models) if return_models else preds
+
+
+def head_predictions(
+    probs: Mapping[int, np.ndarray],
+    classes: list[str],
+    rois: pd.DataFrame,
+    *,
+    positive_label: str,
+    name: str = CNN_SOFTMAX,
+) -> pd.DataFrame:
+    """ROI predictions of the end-to-end CNN: each fold's head softmax on its test ROIs.
+
+    Parameters
+    ----------
+    probs : mapping of int to numpy.ndarray
+        Fold -> ``(n_rois, n_classes)`` softmax of that fold's encoder head for
+        *all* ROIs, row-aligned with ``rois`` (the store's ``probs/`` arrays).
+    classes : list of str
+        The head's classes, in column order.
+    rois : pandas.DataFrame
+        ``roi_id, image_id, label, fold``.
+    positive_label : str
+        The class whose probability is ``score``.
+    name : str
+        The ``classifier`` value of the rows.
+
+    Returns
+    -------
+    pandas.DataFrame
+        As :func:`fit_predict_folds`: ``pred`` is the class of highest
+        probability; a label the head does not know has probability 0.
+    """
+    labels = sorted(map(str, rois["label"].unique()))
+    classes = [str(c) for c in classes]
+    proba_cols = [PROBA_PREFIX + label for label in labels]
+    out = []
+    for fold, p in sorted(probs.items()):
+        p = np.asarray(p, dtype=float)
+        if p.shape != (len(rois), len(classes)):
+            raise ValueError(
+                f"head_predictions: fold {fold} has probabilities of shape {p.shape}; "
+                f"expected ({len(rois)}, {len(classes)}) for the ROIs and classes {classes}"
+            )
+        test = (rois["fold"] == fold).to_numpy()
+        if not test.any():
+            continue
+        full = np.zeros((int(test.sum()), len(labels)))
+        for j, c in enumerate(classes):
+            if c in labels:
+                full[:, labels.index(c)] = p[test, j]
+        score = p[test, classes.index(positive_label)] if positive_label in classes else 0.0
+        out.append(
+            rois.loc[test, ["roi_id", "image_id", "label"]]
+            .assign(
+                classifier=name,
+                fold=fold,
+                pred=np.asarray(classes)[p[test].argmax(1)],
+                score=score,
+            )
+            .reset_index(drop=True)
+            .join(pd.DataFrame(full, columns=proba_cols))
+        )
+    cols = ["classifier", "fold", "roi_id", "image_id", "label", "pred", "score", *proba_cols]
+    return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
+
+
+def vote_predictions(
+    members: Mapping[str, pd.DataFrame],
+    *,
+    vote: str,
+    positive_label: str,
+    name: str,
+) -> pd.DataFrame:
+    """Combine the ROI predictions of several models into an ensemble's.
+
+    Parameters
+    ----------
+    members : mapping of str to pandas.DataFrame
+        Member name (e.g. ``mobilenet/cnn_softmax``) -> its ROI predictions
+        (:func:`fit_predict_folds` or :func:`head_predictions`, one classifier
+        each). Every member must predict the same ``(fold, roi_id)`` pairs.
+    vote : str
+        ``soft``: mean of the members' class probabilities, ``pred`` its
+        highest class, ``score`` the mean probability of ``positive_label``.
+        ``majority``: ``pred`` is the class most members call (a tie goes to
+        the higher mean probability), ``score`` the share of members calling
+        ``positive_label``.
+    positive_label : str
+        The positive class.
+    name : str
+        The ensemble's ``classifier`` value.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ROI predictions in the columns of :func:`fit_predict_folds`.
+    """
+    if vote not in VOTES:
+        raise ValueError(f"vote_predictions: vote must be one of {VOTES}; got {vote!r}")
+    if len(members) < 2:
+        raise ValueError(f"vote_predictions: {name} needs >= 2 members; got {list(members)}")
+    key = ["fold", "roi_id"]
+    first_name, first = next(iter(members.items()))
+    base = first.sort_values(key).reset_index(drop=True)
+    labels = sorted({c for m in members.values() for c in m.columns if c.startswith(PROBA_PREFIX)})
+    probas, calls = [], []
+    for member, preds in members.items():
+        preds = preds.sort_values(key).reset_index(drop=True)
+        if len(preds) != len(base) or not preds[key].equals(base[key]):
+            raise ValueError(
+                f"vote_predictions: {member} predicts other ROIs or folds than {first_name} "
+                f"({len(preds)} vs {len(base)} rows)"
+            )
+        probas.append(preds.reindex(columns=labels, fill_value=0.0).to_numpy(float))
+        calls.append(preds["pred"].astype(str).to_numpy())
+    mean = np.mean(probas, axis=0)
+    classes = [c.removeprefix(PROBA_PREFIX) for c in labels]
+    if vote == "soft":
+        pred = np.asarray(classes)[mean.argmax(1)]
+        score = mean[:, classes.index(positive_label)] if positive_label in classes else 0.0
+    else:
+        calls = np.stack(calls, axis=1)  # (n, n_members)
+        counts = np.stack([(calls == c).sum(1) for c in classes], axis=1).astype(float)
+        pred = np.asarray(classes)[(counts + mean * 1e-3).argmax(1)]  # ties: mean probability
+        score = (calls == positive_label).mean(1)
+    out = base[["fold", "roi_id", "image_id", "label"]].assign(
+        classifier=name, pred=pred, score=score
+    )
+    out = out.join(pd.DataFrame(mean, columns=labels))
+    return out[["classifier", "fold", "roi_id", "image_id", "label", "pred", "score", *labels]]
 
 
 # ---------------------------------------------------------------- model files
@@ -730,6 +941,7 @@ def evaluate_embeddings(
     n_boot: int = 1000,
     bootstrap_seed: int = 0,
     ci_level: float = 0.95,
+    inner_folds: int = 3,
 ) -> Evaluation:
     """Fit, predict and score every classifier on one dataset's fold embeddings.
 
@@ -751,6 +963,8 @@ def evaluate_embeddings(
         ``method`` and ``threshold`` of :func:`aggregate_images`.
     n_boot, bootstrap_seed, ci_level
         See :func:`bootstrap_metrics`.
+    inner_folds : int
+        Inner grouped folds that tune a classifier's ``grid`` (training part only).
 
     Returns
     -------
@@ -764,14 +978,51 @@ def evaluate_embeddings(
     """
     check_no_leakage(folds, "patient")
     check_no_leakage(folds, "group")
-    leaky = bool(folds["leaky"].any())
+    if "group" not in rois:
+        rois = rois.merge(folds[["image_id", "group"]], on="image_id", how="left")
     roi_preds, models = fit_predict_folds(
         embeddings,
         rois,
         classifiers=classifiers,
         positive_label=positive_label,
         return_models=True,
+        inner_folds=inner_folds,
     )
+    out = score_predictions(
+        roi_preds,
+        folds,
+        positive_label=positive_label,
+        image_aggregation=image_aggregation,
+        any_positive_threshold=any_positive_threshold,
+        n_boot=n_boot,
+        bootstrap_seed=bootstrap_seed,
+        ci_level=ci_level,
+    )
+    out.models = models
+    return out
+
+
+def score_predictions(
+    roi_preds: pd.DataFrame,
+    folds: pd.DataFrame,
+    *,
+    positive_label: str,
+    image_aggregation: str = "vote",
+    any_positive_threshold: float = 0.5,
+    n_boot: int = 1000,
+    bootstrap_seed: int = 0,
+    ci_level: float = 0.95,
+) -> Evaluation:
+    """Image calls and every metric table from ROI predictions of any source.
+
+    ``roi_preds`` may come from fitted classifiers (:func:`fit_predict_folds`),
+    the encoder's head (:func:`head_predictions`) or a vote
+    (:func:`vote_predictions`). Only test images (fold >= 0) are scored; a
+    holdout split's training-only images (fold -1) are not. Parameters and
+    the returned tables: see :func:`evaluate_embeddings` (no models).
+    """
+    leaky = bool(folds["leaky"].any())
+    folds = folds[folds["fold"] >= 0]
     image_preds = aggregate_images(
         roi_preds,
         folds,
@@ -807,5 +1058,4 @@ def evaluate_embeddings(
         image_predictions=image_preds.assign(leaky=leaky),
         metrics=table,
         metrics_per_class=per_class_table,
-        models=models,
     )

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -64,6 +65,8 @@ def group_patients(manifest: pd.DataFrame, duplicates: pd.DataFrame | None = Non
 
 
 PROTOCOLS = ("grouped", "random")
+#: ``fold`` of a holdout split's images that are only trained on, never tested.
+TRAIN_ONLY = -1
 #: The stratum that labels with fewer members than folds share (see :func:`fold_strata`).
 RARE_STRATUM = "__rare__"
 
@@ -116,7 +119,8 @@ def assign_folds(
     k: int,
     seed: int,
     duplicates: pd.DataFrame | None = None,
-    protocol: str = "grouped",
+    protocol: str | Mapping[str, str] = "grouped",
+    holdout_fraction: float = 0.0,
 ) -> pd.DataFrame:
     """Assign every image a test fold, per dataset.
 
@@ -137,13 +141,22 @@ def assign_folds(
         patient group, checked for leakage. ``random``: the published seeds'
         leaky protocol, :class:`~sklearn.model_selection.StratifiedKFold` over
         images, ignoring patients and duplicates; every row is marked ``leaky``.
-        Labels with fewer members than folds: see :func:`fold_strata`.
+        Labels with fewer members than folds: see :func:`fold_strata`. A
+        mapping gives each dataset its own protocol (a dataset it does not
+        name is ``grouped``).
+    holdout_fraction : float
+        0: ``k``-fold cross-validation. In (0, 0.5]: one holdout split instead
+        (``k`` is ignored), the seeds' 80/20 (0.2) or, with the encoders'
+        ``val_fraction`` as the validation part, 80/10/10 (0.1): the test part
+        is the first of ``round(1 / holdout_fraction)`` stratified folds of
+        the protocol (fold 0), every other image has fold :data:`TRAIN_ONLY`.
 
     Returns
     -------
     pandas.DataFrame
         ``dataset, image_id, patient, group, label, fold, leaky`` (fold in
-        ``0..k-1``; leaky True for the random protocol).
+        ``0..k-1``, or 0 and :data:`TRAIN_ONLY` for a holdout; leaky True for
+        the random protocol).
 
     Raises
     ------
@@ -152,47 +165,59 @@ def assign_folds(
     """
     if k < 2:
         raise ValueError(f"assign_folds: k must be >= 2; got {k}")
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"assign_folds: protocol must be one of {PROTOCOLS}; got {protocol!r}")
-    leaky = protocol == "random"
+    if not 0 <= holdout_fraction <= 0.5:
+        raise ValueError(
+            f"assign_folds: holdout_fraction must be 0 (k-fold) or in (0, 0.5]; "
+            f"got {holdout_fraction}"
+        )
+    protocols = protocol if isinstance(protocol, Mapping) else None
+    for name in [protocol] if protocols is None else protocols.values():
+        if name not in PROTOCOLS:
+            raise ValueError(f"assign_folds: protocol must be one of {PROTOCOLS}; got {name!r}")
+    n_splits = round(1 / holdout_fraction) if holdout_fraction else k
     manifest = manifest.assign(group=group_patients(manifest, duplicates))
     parts = []
     for dataset, images in manifest.groupby("dataset", sort=True):
+        proto = protocol if protocols is None else protocols.get(str(dataset), "grouped")
+        leaky = proto == "random"
         unit, kind = ("image_id", "images") if leaky else ("group", "patient groups")
         n_units = images[unit].nunique()
-        if n_units < k:
+        if n_units < n_splits:
             raise ValueError(
                 f"assign_folds: dataset {dataset!r} has {n_units} {kind}, fewer than "
-                f"k={k} folds; lower folds.k or add patients"
+                f"k={n_splits} folds; lower folds.k or add patients"
             )
-        strata = fold_strata(images["label"], images[unit], k=k, dataset=str(dataset))
+        strata = fold_strata(images["label"], images[unit], k=n_splits, dataset=str(dataset))
         fold = pd.Series(-1, index=images.index)
         with warnings.catch_warnings():
             # sklearn warns when a stratum has fewer members than folds; fold_strata logged it.
             warnings.simplefilter("ignore", UserWarning)
             if leaky:
-                splits = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(
-                    images, strata
-                )
+                splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+                splits = splitter.split(images, strata)
             else:
-                splits = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(
-                    images, strata, groups=images["group"]
-                )
+                splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+                splits = splitter.split(images, strata, groups=images["group"])
             for i, (_, test) in enumerate(splits):
                 fold.iloc[test] = i
+        if holdout_fraction:
+            fold = fold.where(fold == 0, TRAIN_ONLY)
         parts.append(images.assign(fold=fold.astype(int), leaky=leaky))
         counts = parts[-1].groupby(["fold", "label"]).size().unstack(fill_value=0)
         log.info(
-            "%s folds, %s protocol (images per label):\n%s", dataset, protocol, counts.to_string()
-        )
+            "%s folds, %s protocol%s (images per label; fold %d: training only):\n%s",
+            dataset, proto, f", holdout {holdout_fraction:g}" if holdout_fraction else "",
+            TRAIN_ONLY, counts.to_string(),
+        )  # fmt: skip
+        if leaky:
+            log.warning(
+                "assign_folds: dataset %r: protocol random splits images ignoring patients "
+                "and duplicates; results are marked leaky=True (the published seeds' "
+                "protocol, not an honest estimate)",
+                dataset,
+            )
     columns = ["dataset", "image_id", "patient", "group", "label", "fold", "leaky"]
     folds = pd.concat(parts)[columns].reset_index(drop=True)
-    if leaky:
-        log.warning(
-            "assign_folds: protocol random splits images ignoring patients and duplicates; "
-            "results are marked leaky=True (the published seeds' protocol, not an honest "
-            "estimate)"
-        )
     check_no_leakage(folds, "patient")
     check_no_leakage(folds, "group")
     return folds

@@ -5,11 +5,32 @@ import math
 from leukflow.datasets import count_images, dataset_files
 
 RESULTS = config["results_dir"]
-DATASETS = config["datasets"]
-DEMO_DATASETS = {n: d for n, d in DATASETS.items() if d["format"] == "demo"}
+DEMO_DATASETS = {n: d for n, d in config["datasets"].items() if d["format"] == "demo"}
+# folds.twin: every dataset also runs under the other protocol, as <name>_<protocol>
+# (same images; ingest and segmentation read them from the cache).
+PROTOCOL = config["folds"]["protocol"]
+OTHER_PROTOCOL = {"grouped": "random", "random": "grouped"}[PROTOCOL]
+PROTOCOLS = dict.fromkeys(config["datasets"], PROTOCOL)
+TWINS = {}
+if config["folds"]["twin"]:
+    TWINS = {f"{n}_{OTHER_PROTOCOL}": n for n in config["datasets"]}
+    taken = set(TWINS) & set(config["datasets"])
+    if taken:
+        raise ValueError(
+            f"folds.twin: dataset names {sorted(taken)} are taken by the twins of "
+            f"{sorted(TWINS[t] for t in taken)}; rename them or set folds.twin: false"
+        )
+    PROTOCOLS.update(dict.fromkeys(TWINS, OTHER_PROTOCOL))
+DATASETS = {
+    **config["datasets"],
+    **{t: config["datasets"][n] for t, n in TWINS.items()},
+}
 ENCODERS = config["encoders"]
 CLASSIFIERS = config["classifiers"]
-FOLDS = list(range(config["folds"]["k"]))
+# a holdout split (folds.holdout_fraction > 0) has one test fold
+FOLDS = (
+    [0] if config["folds"]["holdout_fraction"] else list(range(config["folds"]["k"]))
+)
 
 # The files ingest reads, listed when the DAG is built: a new, removed or edited
 # file re-runs ingest (demo folders are drawn by a rule, so the folder stands in).
@@ -95,6 +116,66 @@ def fold_checkpoints(wildcards):
     )
 
 
+# Evaluations (names in evaluate.smk): fitted classifiers, encoder heads, ensembles.
+
+
+def check_ensemble_member(ensemble, member):
+    encoder, classifier = member.split("/")
+    if encoder not in ENCODERS:
+        raise ValueError(
+            f"evaluation.ensembles.{ensemble}: member {member!r} names encoder "
+            f"{encoder!r}; expected one of {sorted(ENCODERS)}"
+        )
+    if classifier == CNN_SOFTMAX and encoder not in SOFTMAX_ENCODERS:
+        raise ValueError(
+            f"evaluation.ensembles.{ensemble}: member {member!r} needs classifiers.cnn_softmax "
+            f"and an encoder with a trained head (not frozen, not hog)"
+        )
+    if classifier != CNN_SOFTMAX and classifier not in FITTED:
+        raise ValueError(
+            f"evaluation.ensembles.{ensemble}: member {member!r} names classifier "
+            f"{classifier!r}; expected one of {sorted([*FITTED, CNN_SOFTMAX])} (listed "
+            f"under classifiers)"
+        )
+
+
+def member_predictions(member):
+    """ROI predictions file of an ensemble member ``<encoder>/<classifier>``."""
+    encoder, classifier = member.split("/")
+    sub = f"{encoder}/{CNN_SOFTMAX}" if classifier == CNN_SOFTMAX else encoder
+    return result(f"evaluate/{{dataset}}/{sub}/roi_predictions.parquet")
+
+
+def evaluations(name):
+    """File ``name`` of every evaluation: fitted classifiers, heads, ensembles."""
+    paths = expand(result(f"evaluate/{{dataset}}/{{encoder}}/{name}"), dataset=DATASETS,
+                   encoder=ENCODERS if FITTED else [])  # fmt: skip
+    paths += expand(result(f"evaluate/{{dataset}}/{{encoder}}/{CNN_SOFTMAX}/{name}"),
+                    dataset=DATASETS, encoder=SOFTMAX_ENCODERS)  # fmt: skip
+    paths += expand(result(f"evaluate/{{dataset}}/ensemble/{{ensemble}}/{name}"),
+                    dataset=DATASETS, ensemble=ENSEMBLES)  # fmt: skip
+    return paths
+
+
+def evaluation_plots():
+    plots = expand(
+        result("plots/{dataset}/{encoder}/{classifier}_{kind}.png"),
+        dataset=DATASETS,
+        encoder=ENCODERS,
+        classifier=FITTED,
+        kind=PLOT_KINDS,
+    )
+    plots += expand(
+        result(f"plots/{{dataset}}/{{encoder}}/{CNN_SOFTMAX}_{{kind}}.png"),
+        dataset=DATASETS,
+        encoder=SOFTMAX_ENCODERS,
+        kind=PLOT_KINDS,
+    )
+    plots += expand(result("plots/{dataset}/ensemble/{ensemble}_{kind}.png"),
+                    dataset=DATASETS, ensemble=ENSEMBLES, kind=PLOT_KINDS)  # fmt: skip
+    return plots
+
+
 def final_outputs():
     return [
         result("manifest.parquet"),
@@ -104,17 +185,13 @@ def final_outputs():
         result("folds.csv"),
         result("metrics.csv"),
         result("metrics_per_class.csv"),
+        result("comparison.csv"),
+        result("comparison.png"),
         *expand(result("qa/{dataset}/summary.csv"), dataset=DATASETS),
         *expand(
             result("embeddings/{dataset}/{encoder}.zarr"),
             dataset=DATASETS,
             encoder=ENCODERS,
         ),
-        *expand(
-            result("plots/{dataset}/{encoder}/{classifier}_{kind}.png"),
-            dataset=DATASETS,
-            encoder=ENCODERS,
-            classifier=CLASSIFIERS,
-            kind=PLOT_KINDS,  # defined in evaluate.smk
-        ),
+        *evaluation_plots(),  # defined in evaluate.smk
     ]

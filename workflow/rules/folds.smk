@@ -1,4 +1,5 @@
-# Folds: manifest -> folds.csv (grouped by patient and leakage-checked, or random: leaky).
+# Folds: manifest -> folds.csv (grouped by patient and leakage-checked, or random: leaky;
+# k-fold or one holdout split; a dataset's twin under the other protocol).
 
 
 rule assign_folds:
@@ -17,7 +18,8 @@ rule assign_folds:
     params:
         k=config["folds"]["k"],
         seed=config["folds"]["seed"],
-        protocol=config["folds"]["protocol"],
+        protocol=PROTOCOLS,
+        holdout_fraction=config["folds"]["holdout_fraction"],
         state=result("cache/folds/labelled_set.json"),
     script:
         "../scripts/assign_folds.py"

@@ -15,12 +15,13 @@ folds = assign_folds(
     seed=snakemake.params.seed,
     duplicates=read_table(snakemake.input.duplicates),
     protocol=snakemake.params.protocol,
+    holdout_fraction=snakemake.params.holdout_fraction,
 )
 write_table(folds, snakemake.output.folds)
 log.info(
-    "%d images in %d folds, %s protocol (leaky: %s)",
+    "%d images in %d test folds; protocol per dataset %s; leaky datasets: %s",
     len(folds),
-    snakemake.params.k,
-    snakemake.params.protocol,
-    bool(folds["leaky"].any()),
+    folds.loc[folds["fold"] >= 0, "fold"].nunique(),
+    dict(snakemake.params.protocol),
+    sorted(folds.loc[folds["leaky"], "dataset"].unique()),
 )

@@ -16,7 +16,8 @@ folds = folds[folds["dataset"] == dataset]
 # an encoder trained on every ROI (training: all_labels) makes every result leaky
 folds = folds.assign(leaky=folds["leaky"] | embeddings_attrs(snakemake.input.store)["leaky"])
 rois = label_rois(read_table(snakemake.input.ids), folds)
-arrays = fold_embeddings(snakemake.input.store, [int(k) for k in sorted(folds["fold"].unique())])
+test_folds = sorted(int(k) for k in folds["fold"].unique() if k >= 0)  # -1: holdout training
+arrays = fold_embeddings(snakemake.input.store, test_folds)
 result = evaluate_embeddings(
     {fold: arr[:] for fold, arr in arrays.items()},
     rois,
@@ -28,6 +29,7 @@ result = evaluate_embeddings(
     n_boot=p.n_boot,
     bootstrap_seed=p.bootstrap_seed,
     ci_level=p.ci_level,
+    inner_folds=p.inner_folds,
 )
 keys = {"dataset": dataset, "encoder": encoder}
 for table, path in (

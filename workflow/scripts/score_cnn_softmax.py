@@ -1,0 +1,45 @@
+"""Rule score_cnn_softmax: each fold's encoder head (its softmax) scored as a classifier."""
+
+from leukflow.evaluate import CNN_SOFTMAX, head_predictions, score_predictions
+from leukflow.folds import label_rois
+from leukflow.io import embeddings_attrs, open_probabilities, read_table, write_table
+from leukflow.report import PLOTTERS
+from leukflow.runlog import start_log
+
+p, out = snakemake.params, snakemake.output
+dataset, encoder = snakemake.wildcards.dataset, snakemake.wildcards.encoder
+log = start_log("score_cnn_softmax", snakemake.log[0], dict(p))
+folds = read_table(snakemake.input.folds)
+folds = folds[folds["dataset"] == dataset]
+# a head trained on every ROI (training: all_labels) has seen the test ROIs: leaky
+folds = folds.assign(leaky=folds["leaky"] | embeddings_attrs(snakemake.input.store)["leaky"])
+rois = label_rois(read_table(snakemake.input.ids), folds)
+arrays = open_probabilities(snakemake.input.store)
+test_folds = sorted(int(k) for k in folds["fold"].unique() if k >= 0)
+probs = {k: arrays["all" if "all" in arrays else f"fold_{k}"] for k in test_folds}
+classes = list(next(iter(probs.values())).attrs["classes"])
+preds = head_predictions({k: a[:] for k, a in probs.items()}, classes, rois,
+                         positive_label=p.positive_label)  # fmt: skip
+result = score_predictions(
+    preds,
+    folds,
+    positive_label=p.positive_label,
+    image_aggregation=p.image_aggregation,
+    any_positive_threshold=p.any_positive_threshold,
+    n_boot=p.n_boot,
+    bootstrap_seed=p.bootstrap_seed,
+    ci_level=p.ci_level,
+)
+keys = {"dataset": dataset, "encoder": encoder}
+for table, path in (
+    (result.metrics, out.metrics),
+    (result.metrics_per_class, out.metrics_per_class),
+):
+    write_table(table.assign(**keys)[[*keys, *table.columns]], path)
+write_table(result.roi_predictions, out.roi_predictions)
+write_table(result.image_predictions, out.image_predictions)
+levels = {"roi": result.roi_predictions, "image": result.image_predictions}
+for kind, png in zip(p.plot_kinds, out.plots, strict=True):
+    PLOTTERS[kind](levels, title=f"{dataset} / {encoder} / {CNN_SOFTMAX}",
+                   positive_label=p.positive_label, path=png)  # fmt: skip
+log.info("scored the head's softmax (classes %s) on %d test ROIs", classes, len(preds))
