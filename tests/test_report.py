@@ -86,3 +86,23 @@ def test_wbc_counts_needs_image_level(tmp_path):
             {"roi": _levels()["roi"]}, title="t", positive_label=POS, path=tmp_path / "x.png"
         )
     assert not (tmp_path / "x.png").exists()
+
+
+def test_training_curves_and_k_selection_curves_are_drawn(tmp_path):
+    from leukflow.report import plot_history, plot_k_scores
+
+    history = pd.DataFrame({"epoch": [1, 2, 3], "loss": [0.9, 0.6, 0.4],
+                            "accuracy": [0.5, 0.7, 0.8], "val_loss": [1.0, 0.8, 0.7],
+                            "val_accuracy": [0.5, 0.6, 0.7]})  # fmt: skip
+    table = pd.DataFrame({"label": ["all", "all", "L1", "L1"], "k": [2, 3, 2, 3],
+                          "score": [0.7, 0.8, 0.6, 0.9]})  # fmt: skip
+    drawn = {
+        "history": lambda p: plot_history(history, title="t", path=p),
+        "frozen": lambda p: plot_history(history.iloc[:0], title="t", path=p),
+        "k": lambda p: plot_k_scores(table, title="t", path=p),
+        "no_k": lambda p: plot_k_scores(table.iloc[:0], title="t", path=p),
+    }
+    for name, draw in drawn.items():
+        draw(tmp_path / f"{name}.png")
+        pixels = np.asarray(Image.open(tmp_path / f"{name}.png").convert("L"))
+        assert pixels.std() > 5, name  # not a blank canvas

@@ -268,3 +268,50 @@ PLOTTERS: dict[str, Callable[..., None]] = {
     "calibration": plot_calibration,
     "wbc_count": plot_wbc_counts,
 }
+
+
+def plot_history(history: pd.DataFrame, *, title: str, path: str | Path) -> None:
+    """Training curves of one encoder: loss and accuracy per epoch, train and validation.
+
+    ``history`` has :data:`leukflow.train.HISTORY_COLUMNS`; an encoder that was
+    not trained (``frozen``, ``hog``) has no rows and gets a figure saying so.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    if history.empty:
+        for ax in axes:
+            ax.text(0.5, 0.5, "not trained (frozen)", ha="center", va="center")
+            ax.set_axis_off()
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
+        if history.empty:
+            continue
+        ax.plot(history["epoch"], history[metric], marker="o", label="training")
+        val = history.get(f"val_{metric}")
+        if val is not None and val.notna().any():
+            ax.plot(history["epoch"], val, marker="s", label="inner validation")
+        ax.set(xlabel="epoch", ylabel=metric, title=metric)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def plot_k_scores(table: pd.DataFrame, *, title: str, path: str | Path) -> None:
+    """S2's k-selection curves: mean score (mean of SSIM, Dice, IoU) against k, per class.
+
+    ``table`` is :func:`leukflow.segment.summarise_k_scores`'s; an empty one
+    (kmeans did not meet expert masks) gets a figure saying so.
+    """
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    if table.empty:
+        ax.text(0.5, 0.5, "no k selection: kmeans did not meet expert masks",
+                ha="center", va="center", fontsize=9)  # fmt: skip
+        ax.set_axis_off()
+    for label, part in table.groupby("label"):
+        ax.plot(part["k"], part["score"], marker="o", label=str(label),
+                linewidth=2.5 if label == "all" else 1.2)  # fmt: skip
+    if not table.empty:
+        ax.set(xlabel="k (colour clusters)", ylabel="mean(SSIM, Dice, IoU)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=8, title="class")
+    ax.set_title(title)
+    _save(fig, path)

@@ -62,6 +62,12 @@ rule merge_segments:
             category="2. Segmentation",
             subcategory="{dataset}",
         ),
+        kmeans_curves=report(
+            result("segment/{dataset}/kmeans_scores.png"),
+            caption="../report/kmeans_curves.rst",
+            category="2. Segmentation",
+            subcategory="{dataset}",
+        ),
     log:
         logfile("segment/{dataset}.log"),
     benchmark:

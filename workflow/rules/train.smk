@@ -16,6 +16,12 @@ rule train_encoder:
             category="3. Training",
             subcategory="{dataset} / {encoder}",
         ),
+        curves=report(
+            result("train/{dataset}/{encoder}/{part}_history.png"),
+            caption="../report/history_curves.rst",
+            category="3. Training",
+            subcategory="{dataset} / {encoder}",
+        ),
     log:
         logfile("train/{dataset}/{encoder}/{part}.log"),
     benchmark:

@@ -4,6 +4,7 @@ import pandas as pd
 import zarr
 
 from leukflow.io import CropStoreWriter, read_table, write_table
+from leukflow.report import plot_k_scores
 from leukflow.runlog import start_log
 from leukflow.segment import summarise_k_scores
 
@@ -29,5 +30,8 @@ write_table(rois, out.rois)
 write_table(concat(snakemake.input.images), out.images)
 manifest = read_table(snakemake.input.manifest)
 labels = manifest.set_index("image_id")["label"]
-write_table(summarise_k_scores(concat(snakemake.input.k_scores), labels), out.kmeans_scores)
+k_table = summarise_k_scores(concat(snakemake.input.k_scores), labels)
+write_table(k_table, out.kmeans_scores)
+plot_k_scores(k_table, title=f"{snakemake.wildcards.dataset}: kmeans k selection",
+              path=out.kmeans_curves)  # fmt: skip
 log.info("%d ROIs from %d images in %d batches", len(rois), len(labels), len(snakemake.input.rois))

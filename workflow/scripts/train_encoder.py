@@ -5,6 +5,7 @@ import torch
 from leukflow.folds import label_rois
 from leukflow.io import read_crops, read_table, write_table
 from leukflow.models import pick_device, save_checkpoint
+from leukflow.report import plot_history
 from leukflow.runlog import start_log
 from leukflow.train import train_fold
 
@@ -35,6 +36,8 @@ checkpoint, history = train_fold(
 )
 save_checkpoint(checkpoint, snakemake.output.checkpoint)
 write_table(history.assign(part=part), snakemake.output.history)
+plot_history(history, title=f"{snakemake.wildcards.dataset} / {snakemake.wildcards.encoder} / "
+             f"{part}", path=snakemake.output.curves)  # fmt: skip
 log.info("trained on %d ROIs (%d held out for early stopping); best epoch %d",
          len(checkpoint["train_roi_ids"]), len(checkpoint["val_roi_ids"]),
          checkpoint["best_epoch"])  # fmt: skip
