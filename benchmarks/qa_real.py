@@ -54,7 +54,7 @@ def score(images: pd.DataFrame, methods: dict, workers: int) -> pd.DataFrame:
     for label, params in methods.items():
         per_image = score_segmentation(images, params, n_workers=workers)
         summary = summarise_qa(per_image, [params.method]).iloc[0]
-        rows.append({"method": label, **summary.to_dict()})
+        rows.append({**summary.to_dict(), "method": label})
     return pd.DataFrame(rows)
 
 
