@@ -238,7 +238,9 @@ def test_e2e_a_changed_parameter_redoes_its_stage_and_what_follows_only(e2e_run)
     refit = _planned_after_edit(
         work, "knn.yaml", lambda c: c["classifiers"]["knn"].update(n_neighbors=5)
     )
-    assert refit == {"fit_classifiers", "summarise_metrics", "write_provenance", "all"}
+    assert refit == {
+        "fit_classifiers", "summarise_metrics", "compare_to_papers", "write_provenance", "all"
+    }  # fmt: skip
     resegment = _planned_after_edit(
         work, "seg.yaml", lambda c: c["segmentation"].update(min_area_px=300)
     )

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 from scipy import ndimage as ndi
-from skimage import color, measure, transform
+from skimage import color, transform
 
 from leukflow.segment.masks import TARGETS, resize_nearest
 from leukflow.segment.methods import (
@@ -347,30 +347,34 @@ def roi_records(
 ) -> tuple[list[dict], np.ndarray]:
     """:func:`extract_rois` as plain records: no DataFrame per field on the hot path."""
     rows, crops = [], []
-    for region in measure.regionprops(labels):
-        r0, c0, r1, c1 = region.bbox
+    # find_objects and each region's own box: the same boxes, areas and centroids
+    # as skimage's regionprops, without its per-region bookkeeping
+    for label, box in enumerate(ndi.find_objects(labels), start=1):
+        if box is None:
+            continue
+        r0, r1, c0, c1 = box[0].start, box[0].stop, box[1].start, box[1].stop
+        rr, cc = np.nonzero(labels[box] == label)
         side = int(np.ceil(max(r1 - r0, c1 - c0) * (1 + 2 * roi_margin)))
         y0 = (r0 + r1 - side) // 2
         x0 = (c0 + c1 - side) // 2
         crop = _crop_padded(rgb, y0, x0, side)
         if mask_background:
-            inside = _crop_padded((labels == region.label)[..., None], y0, x0, side, fill=False)
+            inside = _crop_padded(labels[..., None], y0, x0, side, fill=0) == label
             crop = np.where(inside, crop, 0).astype(np.uint8)
         if crop.shape[0] != roi_size_px:
             crop = transform.resize(crop, (roi_size_px, roi_size_px), anti_aliasing=True)
             crop = np.round(crop * 255).astype(np.uint8)
         crops.append(crop)
-        cy, cx = region.centroid
         rows.append(
-            {"x0": x0, "y0": y0, "x1": x0 + side, "y1": y0 + side,
-             "area_px": int(region.area), "centroid_x": float(cx), "centroid_y": float(cy)}
+            {"x0": x0, "y0": y0, "x1": x0 + side, "y1": y0 + side, "area_px": len(rr),
+             "centroid_x": float((cc + c0).mean()), "centroid_y": float((rr + r0).mean())}
         )  # fmt: skip
     stack = np.stack(crops) if crops else np.zeros((0, roi_size_px, roi_size_px, 3), np.uint8)
     return rows, stack
 
 
 def _crop_padded(
-    img: np.ndarray, y0: int, x0: int, side: int, fill: bool | None = None
+    img: np.ndarray, y0: int, x0: int, side: int, fill: int | None = None
 ) -> np.ndarray:
     """``img[y0:y0+side, x0:x0+side]``; outside the field: edge pixels, or ``fill``."""
     h, w = img.shape[:2]
