@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,22 +81,39 @@ def run_and_kill(work: Path, after_s: float) -> bool:
         return True
 
 
-def kill_and_resume(work: Path, kills: int, span_s: float, seed: int = 0) -> list[float]:
-    """Kill the run ``kills`` times at random moments, then resume it to the end.
+def kill_and_resume(
+    work: Path, kills: int, span_s: float, clean: Path, seed: int = 0
+) -> tuple[list[float], list[list[str]]]:
+    """Kill runs ``kills`` times at random moments, resuming after each; compare the ends.
 
-    Each kill comes after a uniform random delay in ``[1, span_s]`` seconds
-    from the (re)start; returns the delays of the kills that hit a running
-    workflow.
+    Each (re)start is killed after a uniform random delay in ``[1, span_s]``
+    seconds. When a resumed run finishes before its kill, its results are
+    compared with ``clean`` (a clean run's result folder) and the next run
+    starts over from an empty folder, so that every one of the ``kills`` hits a
+    running workflow, early and late stages alike. The last run is resumed to
+    the end and compared too.
+
+    Returns
+    -------
+    hits : list of float
+        The delay of each kill.
+    diffs : list of list of str
+        For each completed run, :func:`compare_runs` against ``clean``.
     """
     prepare(work)
     rng = random.Random(seed)
-    hits = []
-    for _ in range(kills):
+    hits, diffs = [], []
+    while len(hits) < kills:
         delay = rng.uniform(1.0, span_s)
         if run_and_kill(work, delay):
             hits.append(round(delay, 1))
+            continue
+        diffs.append(compare_runs(clean, work / "out"))
+        for name in ("out", "demo", ".snakemake"):
+            shutil.rmtree(work / name, ignore_errors=True)
     run_to_end(work)
-    return hits
+    diffs.append(compare_runs(clean, work / "out"))
+    return hits, diffs
 
 
 def compare_runs(clean: Path, other: Path) -> list[str]:
