@@ -29,6 +29,8 @@ COLUMNS = [
     "method", "dataset", "encoder", "classifier", "level", "metric", "paper",
     "leaky", "leaky_ci_low", "leaky_ci_high",
     "grouped", "grouped_ci_low", "grouped_ci_high", "grouped_is_honest",
+    "cell_only", "cell_only_ci_low", "cell_only_ci_high",
+    "background_only", "background_only_ci_low", "background_only_ci_high",
 ]  # fmt: skip
 
 
@@ -47,6 +49,7 @@ def compare_figures(
     published: Sequence[Mapping],
     twins: Mapping[str, str],
     protocols: Mapping[str, str],
+    controls: Mapping[str, Sequence[str]] | None = None,
 ) -> pd.DataFrame:
     """One row per reproduced method and dataset: paper, leaky and grouped figures.
 
@@ -65,6 +68,9 @@ def compare_figures(
         Twin dataset -> the dataset it copies (``folds.twin``).
     protocols : mapping
         Dataset -> ``grouped`` or ``random``.
+    controls : mapping, optional
+        Shortcut-control dataset -> ``(dataset, kind)``, kind ``cell_only`` or
+        ``background_only`` (``evaluation.shortcut_controls``).
 
     Returns
     -------
@@ -74,6 +80,9 @@ def compare_figures(
         grouped one (NaN when that protocol did not run), each with its
         interval; ``grouped_is_honest`` is False when the grouped figure is
         still marked leaky (e.g. an encoder trained on every ROI).
+        ``cell_only`` and ``background_only`` are the same model's pooled figure
+        on the dataset's shortcut controls (NaN without controls), each with
+        its interval.
     """
     pooled = _pooled(metrics)
     sides = {}  # base dataset -> {protocol: dataset}
@@ -111,25 +120,41 @@ def compare_figures(
                     row[col] = np.nan if found is None else float(found[src])
                 if side == "grouped":
                     row["grouped_is_honest"] = found is not None and not bool(found["leaky"])
+            for control, (of, kind) in (controls or {}).items():
+                if of != base:
+                    continue
+                key = (control, entry.get("honest_encoder") or entry["encoder"],
+                       entry["classifier"], entry["level"], entry["metric"])  # fmt: skip
+                found = pooled.loc[key] if key in pooled.index else None
+                for col, src in ((kind, "value"), (f"{kind}_ci_low", "ci_low"),
+                                 (f"{kind}_ci_high", "ci_high")):  # fmt: skip
+                    row[col] = np.nan if found is None else float(found[src])
             rows.append(row)
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def plot_comparison(comparison: pd.DataFrame, path: str | Path) -> None:
-    """Paper (star), leaky (orange) and grouped (blue) figures with their 95% intervals."""
+    """Paper (star), leaky (orange), grouped (blue) and control figures with their intervals."""
     n = max(len(comparison), 1)
     fig, ax = plt.subplots(figsize=(8, 2.0 + 0.45 * n))
     y = np.arange(len(comparison))[::-1]
-    for offset, side, colour in ((0.12, "leaky", "tab:orange"), (-0.12, "grouped", "tab:blue")):
+    sides = [(0.12, "leaky", "tab:orange"), (-0.12, "grouped", "tab:blue")]
+    for side, offset, colour in (("cell_only", -0.24, "tab:green"),
+                                 ("background_only", -0.36, "tab:red")):  # fmt: skip
+        if side in comparison and comparison[side].notna().any():
+            sides.append((offset, side, colour))
+    names = {"leaky": "random split (leaky)", "grouped": "grouped",
+             "cell_only": "grouped, cell only (control)",
+             "background_only": "grouped, background only (control)"}  # fmt: skip
+    for offset, side, colour in sides:
         value = comparison[side].to_numpy(float)
         err = np.abs(
             np.vstack(
                 [value - comparison[f"{side}_ci_low"], comparison[f"{side}_ci_high"] - value]
             )
         )
-        split = "random split (leaky)" if side == "leaky" else "grouped"
         ax.errorbar(value, y + offset, xerr=np.nan_to_num(err), fmt="o", color=colour,
-                    label=f"leukflow, {split}")  # fmt: skip
+                    label=f"leukflow, {names[side]}")  # fmt: skip
     ax.scatter(comparison["paper"], y, marker="*", s=120, color="black", label="paper", zorder=3)
     labels = [
         f"{r.method or r.encoder + '/' + r.classifier} [{r.dataset}, {r.level} {r.metric}]"

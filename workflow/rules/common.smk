@@ -25,6 +25,25 @@ DATASETS = {
     **config["datasets"],
     **{t: config["datasets"][n] for t, n in TWINS.items()},
 }
+# evaluation.shortcut_controls: each dataset's ROI crops with the background black
+# (<name>_cell_only) and with the cell black (<name>_background_only) go through the
+# same encoders and classifiers; control_crops makes their crops from the dataset's.
+SINGLE_CELL_FORMATS = ("allidb2", "cnmc", "zheng")
+_CONTROLS_ON = config["evaluation"]["shortcut_controls"]
+CONTROLS = {
+    f"{name}_{kind}": (name, kind)
+    for name, d in config["datasets"].items()
+    if _CONTROLS_ON is True
+    or (_CONTROLS_ON == "auto" and d["format"] in SINGLE_CELL_FORMATS)
+    for kind in ("cell_only", "background_only")
+}
+if set(CONTROLS) & set(DATASETS):
+    raise ValueError(
+        f"evaluation.shortcut_controls: dataset names {sorted(set(CONTROLS) & set(DATASETS))} "
+        "are taken by shortcut controls; rename them or set shortcut_controls: false"
+    )
+# every dataset that encoders and classifiers run on
+EVAL_DATASETS = [*DATASETS, *CONTROLS]
 ENCODERS = config["encoders"]
 CLASSIFIERS = config["classifiers"]
 # a holdout split (folds.holdout_fraction > 0) has one test fold
@@ -56,7 +75,7 @@ N_BATCHES = {
 
 
 wildcard_constraints:
-    dataset="|".join(DATASETS),
+    dataset="|".join(EVAL_DATASETS),
     encoder="|".join(ENCODERS),
     fold=r"\d+",
     batch=r"\d+",
@@ -148,31 +167,31 @@ def member_predictions(member):
 
 def evaluations(name):
     """File ``name`` of every evaluation: fitted classifiers, heads, ensembles."""
-    paths = expand(result(f"evaluate/{{dataset}}/{{encoder}}/{name}"), dataset=DATASETS,
+    paths = expand(result(f"evaluate/{{dataset}}/{{encoder}}/{name}"), dataset=EVAL_DATASETS,
                    encoder=ENCODERS if FITTED else [])  # fmt: skip
     paths += expand(result(f"evaluate/{{dataset}}/{{encoder}}/{CNN_SOFTMAX}/{name}"),
-                    dataset=DATASETS, encoder=SOFTMAX_ENCODERS)  # fmt: skip
+                    dataset=EVAL_DATASETS, encoder=SOFTMAX_ENCODERS)  # fmt: skip
     paths += expand(result(f"evaluate/{{dataset}}/ensemble/{{ensemble}}/{name}"),
-                    dataset=DATASETS, ensemble=ENSEMBLES)  # fmt: skip
+                    dataset=EVAL_DATASETS, ensemble=ENSEMBLES)  # fmt: skip
     return paths
 
 
 def evaluation_plots():
     plots = expand(
         result("plots/{dataset}/{encoder}/{classifier}_{kind}.png"),
-        dataset=DATASETS,
+        dataset=EVAL_DATASETS,
         encoder=ENCODERS,
         classifier=FITTED,
         kind=PLOT_KINDS,
     )
     plots += expand(
         result(f"plots/{{dataset}}/{{encoder}}/{CNN_SOFTMAX}_{{kind}}.png"),
-        dataset=DATASETS,
+        dataset=EVAL_DATASETS,
         encoder=SOFTMAX_ENCODERS,
         kind=PLOT_KINDS,
     )
     plots += expand(result("plots/{dataset}/ensemble/{ensemble}_{kind}.png"),
-                    dataset=DATASETS, ensemble=ENSEMBLES, kind=PLOT_KINDS)  # fmt: skip
+                    dataset=EVAL_DATASETS, ensemble=ENSEMBLES, kind=PLOT_KINDS)  # fmt: skip
     return plots
 
 
@@ -190,7 +209,7 @@ def final_outputs():
         *expand(result("qa/{dataset}/summary.csv"), dataset=DATASETS),
         *expand(
             result("embeddings/{dataset}/{encoder}.zarr"),
-            dataset=DATASETS,
+            dataset=EVAL_DATASETS,
             encoder=ENCODERS,
         ),
         *evaluation_plots(),  # defined in evaluate.smk

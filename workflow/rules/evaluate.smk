@@ -201,6 +201,8 @@ rule summarise_metrics:
     localrule: True
     conda:
         "../../envs/leukflow.yaml"
+    params:
+        controls=CONTROLS,
     script:
         "../scripts/summarise_metrics.py"
 
@@ -230,5 +232,6 @@ rule compare_to_papers:
         published=config["evaluation"]["published"],
         twins=TWINS,
         protocols=PROTOCOLS,
+        controls=CONTROLS,
     script:
         "../scripts/compare_to_papers.py"

@@ -21,5 +21,6 @@ rule assign_folds:
         protocol=PROTOCOLS,
         holdout_fraction=config["folds"]["holdout_fraction"],
         state=result("cache/folds/labelled_set.json"),
+        controls=CONTROLS,
     script:
         "../scripts/assign_folds.py"

@@ -30,6 +30,8 @@ rule segment_batch:
         logfile("segment/{dataset}/batch_{batch}.log"),
     benchmark:
         benchfile("segment/{dataset}/batch_{batch}.tsv")
+    wildcard_constraints:
+        dataset="|".join(DATASETS),
     group:
         "segment"
     conda:
@@ -72,6 +74,8 @@ rule merge_segments:
         logfile("segment/{dataset}.log"),
     benchmark:
         benchfile("segment/{dataset}.tsv")
+    wildcard_constraints:
+        dataset="|".join(DATASETS),
     conda:
         "../../envs/leukflow.yaml"
     resources:
@@ -80,6 +84,30 @@ rule merge_segments:
         segmentation=config["segmentation"],
     script:
         "../scripts/merge_segments.py"
+
+
+rule control_crops:
+    input:
+        rois=lambda wc: result(f"segment/{CONTROLS[wc.dataset][0]}/rois.parquet"),
+        crops=lambda wc: result(f"segment/{CONTROLS[wc.dataset][0]}/crops.zarr"),
+    output:
+        rois=result("segment/{dataset}/rois.parquet"),
+        crops=directory(result("segment/{dataset}/crops.zarr")),
+    log:
+        logfile("segment/{dataset}.log"),
+    benchmark:
+        benchfile("segment/{dataset}.tsv")
+    wildcard_constraints:
+        dataset="|".join(CONTROLS) or "^$",
+    conda:
+        "../../envs/leukflow.yaml"
+    resources:
+        mem_mb=attempt_mem_mb(2000),
+    params:
+        base=lambda wc: CONTROLS[wc.dataset][0],
+        control=lambda wc: CONTROLS[wc.dataset][1],
+    script:
+        "../scripts/control_crops.py"
 
 
 rule gather_rois:
@@ -124,6 +152,8 @@ rule score_segmentation:
         logfile("qa/{dataset}.log"),
     benchmark:
         benchfile("qa/{dataset}.tsv")
+    wildcard_constraints:
+        dataset="|".join(DATASETS),
     conda:
         "../../envs/leukflow.yaml"
     threads: 4

@@ -1,5 +1,7 @@
 """Rule assign_folds: manifest -> folds.csv, grouped by patient (or random, leaky)."""
 
+import pandas as pd
+
 from leukflow.folds import assign_folds, compare_labelled_sets
 from leukflow.io import read_table, write_table
 from leukflow.runlog import start_log
@@ -17,6 +19,16 @@ folds = assign_folds(
     protocol=snakemake.params.protocol,
     holdout_fraction=snakemake.params.holdout_fraction,
 )
+# shortcut controls (<name>_cell_only, ...) test the same images in the same folds
+copies = []
+for control, (base, _kind) in snakemake.params.controls.items():
+    rows = folds[folds["dataset"] == base]
+    copies.append(rows.assign(
+        dataset=control,
+        image_id=control + rows["image_id"].str.removeprefix(base),
+        group=control + rows["group"].str.removeprefix(base),
+    ))  # fmt: skip
+folds = pd.concat([folds, *copies], ignore_index=True)
 write_table(folds, snakemake.output.folds)
 log.info(
     "%d images in %d test folds; protocol per dataset %s; leaky datasets: %s",

@@ -11,6 +11,7 @@ comparison = compare_figures(
     published=p.published,
     twins=p.twins,
     protocols=p.protocols,
+    controls=p.controls,
 )
 write_table(comparison, snakemake.output.comparison)
 plot_comparison(comparison, snakemake.output.plot)

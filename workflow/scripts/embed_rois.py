@@ -20,7 +20,9 @@ rois = read_table(snakemake.input.rois)
 # the segmentation that cut its ROIs
 sha = read_table(snakemake.input.manifest).set_index("image_id")["sha256"]
 space = cache_space(SegmentParams.from_mapping(snakemake.params.segmentation))
-roi_keys = (rois["image_id"].map(sha) + "_" + space.replace("/", "-")).tolist()
+shas = rois["image_id"].map(sha)
+# a shortcut control's crops are not its images' (no manifest rows): not cached
+roi_keys = None if shas.isna().any() else (shas + "_" + space.replace("/", "-")).tolist()
 attrs = embed_rois(
     snakemake.input.checkpoints,
     snakemake.input.crops,

@@ -9,5 +9,8 @@ log = start_log(snakemake.rule, snakemake.log[0])
 for name in ("metrics", "metrics_per_class"):
     paths = snakemake.input[name]
     table = pd.concat([read_table(path) for path in paths], ignore_index=True)
+    # which shortcut control a row is (none: the dataset's own crops)
+    control = {name: kind for name, (_, kind) in snakemake.params.controls.items()}
+    table.insert(1, "control", table["dataset"].map(control).fillna("none"))
     write_table(table, snakemake.output[name])
     log.info("%d rows from %d tables -> %s", len(table), len(paths), snakemake.output[name])
