@@ -1,10 +1,22 @@
 """Cross-dataset evaluation: fit on one dataset, score on another."""
 
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
-from leukflow.cross import COLUMNS, evaluate_cross, plot_cross_matrix, summarise_cross
+from leukflow.cross import (
+    COLUMNS,
+    CROSS_METRICS,
+    evaluate_cross,
+    plot_cross_matrix,
+    summarise_cross,
+)
 
 KNN = {"knn": {"n_neighbors": 1}}
 
@@ -114,3 +126,112 @@ def test_summarise_cross_one_row_per_pair_and_level_and_the_plot(tmp_path):
     png = tmp_path / "cross.png"
     plot_cross_matrix(table, png, within=within)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------ workflow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _snakemake(work: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
+    cmd += ["--cores", "2", "--configfile", "my.yaml", *args]
+    return subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=600)
+
+
+def _config(work: Path, *, small: bool = False, **evaluation) -> None:
+    demo = {"format": "demo", "n_fields": 8, "fields_per_patient": 2}
+    config = {
+        "results_dir": "out",
+        "datasets": {"a": {**demo, "root": "a", "seed": 1}, "b": {**demo, "root": "b", "seed": 2}},
+        "segmentation": {"roi_size_px": 32},
+        "folds": {"k": 2},
+        "encoders": {
+            "cnn": {"arch": "small_cnn", "epochs": 1, "batch_size": 16},
+            "hog": {"arch": "hog", "training": "frozen"},
+        },
+        "classifiers": {"knn": {"n_neighbors": 3}, "logistic_regression": {}},
+        "evaluation": {"n_boot": 200, **evaluation},
+    }
+    if small:  # the end-to-end run: one per-fold encoder (whole.pt), one classifier
+        del config["encoders"]["hog"], config["classifiers"]["logistic_regression"]
+    (work / "my.yaml").write_text(yaml.safe_dump(config))
+
+
+def _job_counts(output: str) -> dict[str, int]:
+    table = output.split("Job stats:")[1].split("total")[0]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.MULTILINE)}
+
+
+def test_dry_run_plans_one_cross_evaluation_per_pair_and_encoder(tmp_path):
+    _config(tmp_path, cross_dataset=[{"train": "a", "test": "b"}, {"train": "b", "test": "a"}])
+    run = _snakemake(tmp_path, "-n")
+    assert run.returncode == 0, run.stderr[-3000:]
+    counts = _job_counts(run.stdout + run.stderr)
+    # per dataset: 2 fold encoders + whole.pt (cnn), all.pt (hog)
+    assert counts["train_encoder"] == 2 * 4
+    # every dataset by each of the 2 train datasets' 2 encoders
+    assert counts["embed_cross_rois"] == 2 * 2 * 2
+    assert counts["fit_cross_classifiers"] == 2 * 2
+    assert counts["summarise_cross_dataset"] == 1
+    _config(tmp_path)
+    run = _snakemake(tmp_path, "-n")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "cross" not in "".join(_job_counts(run.stdout + run.stderr))
+
+
+@pytest.mark.parametrize(
+    ("pair", "message"),
+    [
+        ({"train": "a", "test": "c"}, r"evaluation.cross_dataset\[0\].test: unknown dataset 'c'"),
+        ({"train": "a", "test": "a"}, r"evaluation.cross_dataset\[0\]: train and test are both"),
+    ],
+)
+def test_a_bad_cross_pair_fails_naming_the_key(tmp_path, pair, message):
+    _config(tmp_path, cross_dataset=[pair])
+    run = _snakemake(tmp_path, "-n")
+    assert run.returncode != 0
+    assert re.search(message, run.stdout + run.stderr)
+
+
+@pytest.mark.e2e
+def test_e2e_cross_dataset_table_matches_the_test_datasets(tmp_path):
+    _config(tmp_path, small=True, cross_dataset=[{"train": "a", "test": "b"}])
+    run = _snakemake(tmp_path)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = tmp_path / "out"
+    table = pd.read_csv(out / "cross_dataset.csv")
+    assert list(table.columns) == COLUMNS
+    assert table[["train", "test", "encoder", "classifier", "level"]].values.tolist() == [
+        ["a", "b", "cnn", "knn", "roi"],
+        ["a", "b", "cnn", "knn", "image"],
+    ]
+    folds = pd.read_csv(out / "folds.csv")
+    rois = pd.read_parquet(out / "rois.parquet")
+    for r in table.itertuples():
+        images = folds[folds["dataset"] == r.test]
+        expected = (
+            len(images) if r.level == "image" else rois["image_id"].isin(images["image_id"]).sum()
+        )
+        assert r.n == expected
+        preds = pd.read_parquet(
+            out / f"cross/{r.train}/{r.test}/{r.encoder}/roi_predictions.parquet"
+        )
+        assert set(preds["image_id"]) <= set(images["image_id"])
+    for m in CROSS_METRICS:
+        ok = table[m].notna()
+        assert ok.any()
+        assert (table.loc[ok, f"{m}_ci_low"] <= table.loc[ok, m] + 1e-9).all()
+        assert (table.loc[ok, m] <= table.loc[ok, f"{m}_ci_high"] + 1e-9).all()
+        assert table.loc[ok, m].between(0, 1).all()
+    # the ROI accuracy is the share of right calls among the test dataset's ROIs
+    preds = pd.read_parquet(out / "cross/a/b/cnn/roi_predictions.parquet")
+    knn = preds[preds["classifier"] == "knn"]
+    row = table.query(
+        "train == 'a' and encoder == 'cnn' and classifier == 'knn' and level == 'roi'"
+    )
+    assert row["accuracy"].iloc[0] == pytest.approx(
+        ((knn["label"] == "ALL") == (knn["pred"] == "ALL")).mean()
+    )
+    assert (out / "cross_dataset.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "train/a/cnn/whole.pt").exists()
