@@ -17,6 +17,7 @@ from leukflow.cross import (
     plot_cross_matrix,
     summarise_cross,
 )
+from leukflow.train import training_rows
 
 KNN = {"knn": {"n_neighbors": 1}}
 
@@ -126,6 +127,14 @@ def test_summarise_cross_one_row_per_pair_and_level_and_the_plot(tmp_path):
     png = tmp_path / "cross.png"
     plot_cross_matrix(table, png, within=within)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_per_fold_encoder_for_another_dataset_trains_on_every_roi():
+    folds = np.array([0, 0, 1, 1])
+    assert training_rows(folds, fold=1, training="per_fold").tolist() == [1, 1, 0, 0]
+    assert training_rows(folds, fold=None, training="s1", every_roi=True).all()
+    with pytest.raises(ValueError, match="trains per fold"):
+        training_rows(folds, fold=None, training="per_fold")
 
 
 # ------------------------------------------------------------------ workflow
