@@ -37,6 +37,7 @@ include: "workflow/rules/folds.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/embed.smk"
 include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/cross.smk"
 include: "workflow/rules/provenance.smk"
 
 

@@ -66,7 +66,9 @@ S1_BETAS = (0.9, 0.99)
 HISTORY_COLUMNS = ["epoch", "loss", "accuracy", "val_loss", "val_accuracy", "lr", "seconds"]
 
 
-def training_rows(folds: np.ndarray, *, fold: int | None, training: str) -> np.ndarray:
+def training_rows(
+    folds: np.ndarray, *, fold: int | None, training: str, every_roi: bool = False
+) -> np.ndarray:
     """Which ROIs an encoder may train on.
 
     Parameters
@@ -77,18 +79,21 @@ def training_rows(folds: np.ndarray, *, fold: int | None, training: str) -> np.n
         The fold being tested (``None`` for the shared modes).
     training : str
         One of :data:`TRAINING_MODES`.
+    every_roi : bool
+        Every ROI whatever the mode: an encoder meant for another dataset
+        (cross-dataset evaluation), none of whose images it sees.
 
     Returns
     -------
     numpy.ndarray
         Boolean mask: every ROI outside ``fold`` for ``per_fold`` and ``s1``,
         every ROI for ``all_labels`` and ``frozen`` (frozen uses them only for
-        the label-free normalisation statistics).
+        the label-free normalisation statistics) or with ``every_roi``.
     """
     if training not in TRAINING_MODES:
         raise ValueError(f"training: expected one of {TRAINING_MODES}; got {training!r}")
     folds = np.asarray(folds)
-    if training in SHARED_MODES:
+    if training in SHARED_MODES or every_roi:
         return np.ones(len(folds), dtype=bool)
     if fold is None:
         raise ValueError(f"training {training!r} trains per fold: give the fold")
@@ -510,6 +515,7 @@ def train_fold(
     *,
     fold: int | None,
     training: str,
+    every_roi: bool = False,
     **params,
 ) -> tuple[dict, pd.DataFrame]:
     """Select the ROIs a fold's encoder may see and train it on them.
@@ -525,12 +531,17 @@ def train_fold(
         The test fold (``None`` for ``all_labels`` and ``frozen``).
     training : str
         One of :data:`TRAINING_MODES`.
+    every_roi : bool
+        Train on every ROI whatever the mode (``fold`` is then ``None``): the
+        encoder of a cross-dataset evaluation, tested on another dataset.
     **params
         Passed on to :func:`train_encoder`.
     """
     if len(rois) != len(crops):
         raise ValueError(f"train_fold: {len(rois)} ROIs but {len(crops)} crops")
-    rows = training_rows(rois["fold"].to_numpy(), fold=fold, training=training)
+    rows = training_rows(
+        rois["fold"].to_numpy(), fold=fold, training=training, every_roi=every_roi
+    )
     part = rois[rows]
     log.info("training %s encoder on %d of %d ROIs (test fold %s)",
              training, rows.sum(), len(rows), fold)  # fmt: skip

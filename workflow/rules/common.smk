@@ -158,6 +158,42 @@ def check_ensemble_member(ensemble, member):
         )
 
 
+def check_cross_pair(index, train, test):
+    """evaluation.cross_dataset[index]: two different datasets of this config."""
+    for side, name in (("train", train), ("test", test)):
+        if name not in DATASETS:
+            raise ValueError(
+                f"evaluation.cross_dataset[{index}].{side}: unknown dataset {name!r}; "
+                f"expected one of {sorted(DATASETS)}"
+            )
+    if train == test:
+        raise ValueError(
+            f"evaluation.cross_dataset[{index}]: train and test are both {train!r}; "
+            f"within-dataset figures are in metrics.csv"
+        )
+
+
+# Cross-dataset runs (cross.smk, CROSS_PAIRS).
+
+
+def cross_checkpoint(wildcards):
+    """The train dataset's encoder trained on every labelled ROI."""
+    shared = ENCODERS[wildcards.encoder]["training"] in ("all_labels", "frozen")
+    part = "all" if shared else "whole"
+    return [result(f"train/{wildcards.train}/{wildcards.encoder}/{part}.pt")]
+
+
+def cross_store(dataset):
+    """Embeddings of ``dataset`` by the encoder trained on the pair's train dataset."""
+    return result(f"cross/embeddings/{{train}}/{{encoder}}/{dataset}.zarr")
+
+
+def cross_outputs():
+    if not CROSS_PAIRS:
+        return []
+    return [result("cross_dataset.csv"), result("cross_dataset.png")]
+
+
 def member_predictions(member):
     """ROI predictions file of an ensemble member ``<encoder>/<classifier>``."""
     encoder, classifier = member.split("/")
@@ -213,4 +249,5 @@ def final_outputs():
             encoder=ENCODERS,
         ),
         *evaluation_plots(),  # defined in evaluate.smk
+        *cross_outputs(),  # cross.smk: only with evaluation.cross_dataset pairs
     ]

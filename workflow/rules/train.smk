@@ -1,6 +1,7 @@
 # Train: one encoder per dataset x encoder x fold, on that fold's training ROIs
 # only (fold_<k>.pt); encoders trained on every ROI (all_labels) or not at all
-# (frozen) are made once per dataset (all.pt) and serve every fold.
+# (frozen) are made once per dataset (all.pt) and serve every fold; whole.pt: a
+# per-fold encoder trained once on every ROI, for another dataset (cross.smk).
 
 
 rule train_encoder:
@@ -27,7 +28,7 @@ rule train_encoder:
     benchmark:
         benchfile("train/{dataset}/{encoder}/{part}.tsv")
     wildcard_constraints:
-        part=r"fold_\d+|all",
+        part=r"fold_\d+|all|whole",
     conda:
         "../../envs/leukflow.yaml"
     threads: 2

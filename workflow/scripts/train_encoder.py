@@ -10,7 +10,9 @@ from leukflow.runlog import start_log
 from leukflow.train import train_fold
 
 enc = snakemake.params.encoder
-part = snakemake.wildcards.part  # fold_<k>, or all for an encoder shared by every fold
+# fold_<k>; all: an encoder shared by every fold; whole: trained on every ROI for
+# another dataset (cross-dataset evaluation)
+part = snakemake.wildcards.part
 torch.set_num_threads(snakemake.threads)
 log = start_log("train_encoder", snakemake.log[0], {**enc, "part": part, "device": pick_device()})
 folds = read_table(snakemake.input.folds)
@@ -19,8 +21,9 @@ rois = rois.merge(folds[["image_id", "group"]], on="image_id", how="left")
 checkpoint, history = train_fold(
     rois,
     read_crops(snakemake.input.crops),
-    fold=None if part == "all" else int(part.removeprefix("fold_")),
+    fold=None if part in ("all", "whole") else int(part.removeprefix("fold_")),
     training=enc["training"],
+    every_roi=part == "whole",
     arch=enc["arch"],
     weights=enc["weights"],
     input_size_px=enc["input_size_px"] or None,

@@ -1,0 +1,247 @@
+"""Cross-dataset evaluation: fit on one dataset, score on another.
+
+The honest protocol of a train -> test pair: one encoder trained on every
+labelled ROI of the train dataset embeds both datasets; each classifier is
+fitted on the train dataset's embeddings and applied to every ROI of the test
+dataset, which nothing upstream has seen. Metrics are the binary ones of
+:mod:`leukflow.evaluate` (positive label vs the rest), with bootstrap
+intervals that resample the test dataset's patient groups.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from leukflow.evaluate import Evaluation, fit_predict_folds, score_predictions
+from leukflow.folds import TRAIN_ONLY
+from leukflow.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+#: The metrics of cross_dataset.csv, each with ``<metric>_ci_low`` and ``<metric>_ci_high``.
+CROSS_METRICS = ["accuracy", "balanced_accuracy", "roc_auc"]
+KEYS = ["train", "test", "encoder", "classifier", "level"]
+COLUMNS = [
+    *KEYS,
+    *[f"{m}{s}" for m in CROSS_METRICS for s in ("", "_ci_low", "_ci_high")],
+    "n",
+]
+#: The one "fold" of a cross-dataset evaluation: the whole test dataset.
+TEST_FOLD = 0
+
+
+def evaluate_cross(
+    train_embeddings: np.ndarray,
+    train_rois: pd.DataFrame,
+    test_embeddings: np.ndarray,
+    test_rois: pd.DataFrame,
+    test_images: pd.DataFrame,
+    *,
+    classifiers: Mapping[str, Mapping],
+    positive_label: str,
+    image_aggregation: str = "vote",
+    any_positive_threshold: float = 0.5,
+    n_boot: int = 1000,
+    bootstrap_seed: int = 0,
+    ci_level: float = 0.95,
+    inner_folds: int = 3,
+) -> Evaluation:
+    """Fit every classifier on one dataset's ROIs and score it on another's.
+
+    Parameters
+    ----------
+    train_embeddings : numpy.ndarray
+        ``(n_train_rois, dim)`` embeddings of the train dataset's ROIs,
+        row-aligned with ``train_rois``.
+    train_rois : pandas.DataFrame
+        ``roi_id, image_id, label`` and, for classifiers with a ``grid``,
+        ``group`` (patient group).
+    test_embeddings : numpy.ndarray
+        ``(n_test_rois, dim)`` embeddings of the test dataset's ROIs by the
+        same encoder, row-aligned with ``test_rois``.
+    test_rois : pandas.DataFrame
+        ``roi_id, image_id, label``.
+    test_images : pandas.DataFrame
+        ``image_id, label, group`` of every test image (those without ROIs
+        included: called negative); the bootstrap resamples ``group``.
+    classifiers, positive_label, inner_folds
+        See :func:`leukflow.evaluate.fit_predict_folds`. A test label absent
+        from the training labels gets probability 0 and is never predicted;
+        without the positive label in training every score is 0.
+    image_aggregation, any_positive_threshold, n_boot, bootstrap_seed, ci_level
+        See :func:`leukflow.evaluate.score_predictions`.
+
+    Returns
+    -------
+    Evaluation
+        As :func:`leukflow.evaluate.evaluate_embeddings`, with one test fold
+        (:data:`TEST_FOLD`); the ``pooled`` metric rows carry the intervals.
+        ``models`` maps ``(classifier, TEST_FOLD)`` to the fitted pipeline.
+
+    Raises
+    ------
+    ValueError
+        When the embeddings and ROI tables disagree in length, or an image is
+        in both datasets.
+    """
+    for name, emb, rois in (("train", train_embeddings, train_rois),
+                            ("test", test_embeddings, test_rois)):  # fmt: skip
+        if len(emb) != len(rois):
+            raise ValueError(
+                f"evaluate_cross: {len(emb)} {name} embeddings for {len(rois)} {name} ROIs"
+            )
+    shared = set(train_rois["image_id"]) & set(test_images["image_id"])
+    if shared:
+        raise ValueError(
+            f"evaluate_cross: {len(shared)} images are in both the train and the test "
+            f"dataset, e.g. {sorted(shared)[0]!r}; expected two distinct datasets"
+        )
+    missing = set(train_rois["label"]) - set(test_images["label"])
+    if missing:
+        log.info("evaluate_cross: training labels %s are absent from the test dataset",
+                 sorted(map(str, missing)))  # fmt: skip
+    unseen = set(test_images["label"]) - set(train_rois["label"])
+    if unseen:
+        log.warning("evaluate_cross: test labels %s are absent from the training dataset "
+                    "and are never predicted", sorted(map(str, unseen)))  # fmt: skip
+    cols = ["roi_id", "image_id", "label"]
+    rois = pd.concat(
+        [
+            train_rois.assign(fold=TRAIN_ONLY),
+            test_rois[cols].assign(fold=TEST_FOLD),
+        ],
+        ignore_index=True,
+    )
+    rois["label"] = rois["label"].astype(str)
+    embeddings = np.concatenate([np.asarray(train_embeddings), np.asarray(test_embeddings)])
+    roi_preds, models = fit_predict_folds(
+        {TEST_FOLD: embeddings},
+        rois,
+        classifiers=classifiers,
+        positive_label=positive_label,
+        return_models=True,
+        inner_folds=inner_folds,
+    )
+    images = test_images[["image_id", "label", "group"]].assign(
+        label=lambda d: d["label"].astype(str), fold=TEST_FOLD, leaky=False
+    )
+    out = score_predictions(
+        roi_preds,
+        images,
+        positive_label=positive_label,
+        image_aggregation=image_aggregation,
+        any_positive_threshold=any_positive_threshold,
+        n_boot=n_boot,
+        bootstrap_seed=bootstrap_seed,
+        ci_level=ci_level,
+    )
+    out.models = models
+    return out
+
+
+def summarise_cross(metrics: pd.DataFrame) -> pd.DataFrame:
+    """One row per train, test, encoder, classifier and level, from the pooled metric rows.
+
+    Parameters
+    ----------
+    metrics : pandas.DataFrame
+        :func:`evaluate_cross` metrics with ``train, test, encoder`` columns
+        added (several pairs and encoders concatenated).
+
+    Returns
+    -------
+    pandas.DataFrame
+        :data:`COLUMNS`: each of :data:`CROSS_METRICS` with its interval, and
+        ``n`` (test ROIs at level ``roi``, test images at level ``image``).
+    """
+    pooled = metrics[metrics["fold"].astype(str) == "pooled"]
+    rows = []
+    for keys, part in pooled.groupby(KEYS, sort=False):
+        row = dict(zip(KEYS, keys, strict=True))
+        by_metric = part.set_index("metric")
+        for m in CROSS_METRICS:
+            row[m] = by_metric.at[m, m]
+            row[f"{m}_ci_low"] = by_metric.at[m, "ci_low"]
+            row[f"{m}_ci_high"] = by_metric.at[m, "ci_high"]
+        row["n"] = int(part["n"].iloc[0])
+        rows.append(row)
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def plot_cross_matrix(
+    table: pd.DataFrame,
+    path: str | Path,
+    *,
+    within: pd.DataFrame | None = None,
+    metric: str = "balanced_accuracy",
+    level: str = "roi",
+) -> None:
+    """Train x test heatmaps of ``metric``, one panel per encoder and classifier.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        :func:`summarise_cross` output.
+    path : str or Path
+        The PNG.
+    within : pandas.DataFrame, optional
+        metrics.csv: the diagonal shows each dataset's pooled grouped-CV
+        figure (non-leaky rows) for the same encoder and classifier.
+    metric, level
+        The figure shown and the level it is read at.
+    """
+    rows = table[table["level"] == level]
+    panels = list(rows.groupby(["encoder", "classifier"], sort=True).groups) or [("", "")]
+    datasets = sorted(set(rows["train"]) | set(rows["test"]))
+    n = len(datasets)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(1.2 + (0.9 * n + 1.2) * len(panels), 1.6 + 0.8 * n),
+        squeeze=False,
+    )  # fmt: skip
+    for ax, (encoder, classifier) in zip(axes[0], panels, strict=True):
+        grid = np.full((n, n), np.nan)
+        mine = rows[(rows["encoder"] == encoder) & (rows["classifier"] == classifier)]
+        for r in mine.itertuples():
+            grid[datasets.index(r.train), datasets.index(r.test)] = getattr(r, metric)
+        if within is not None and len(within):
+            diag = within[
+                (within["fold"].astype(str) == "pooled")
+                & (within["metric"] == metric)
+                & (within["level"] == level)
+                & ~within["leaky"].astype(bool)
+                & (within["encoder"] == encoder)
+                & (within["classifier"] == classifier)
+            ]
+            for r in diag.itertuples():
+                if r.dataset in datasets:
+                    i = datasets.index(r.dataset)
+                    grid[i, i] = getattr(r, metric)
+        ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
+        for i in range(n):
+            for j in range(n):
+                if not np.isnan(grid[i, j]):
+                    colour = "black" if grid[i, j] > 0.6 else "white"
+                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color=colour,
+                            fontsize=9, fontweight="bold" if i != j else "normal")  # fmt: skip
+        ax.set_xticks(range(n), datasets, rotation=30, ha="right", fontsize=8)
+        ax.set_yticks(range(n), datasets, fontsize=8)
+        ax.set_xlabel("test dataset")
+        ax.set_ylabel("train dataset")
+        ax.set_title(f"{encoder} / {classifier}", fontsize=9)
+    fig.suptitle(
+        f"{level} {metric.replace('_', ' ')}; diagonal: grouped CV within the dataset",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
