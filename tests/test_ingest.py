@@ -382,3 +382,31 @@ def test_ingest_reads_measurements_of_known_content_from_the_cache(tmp_path, dem
         records, cache_dir=tmp_path / "cache", **{**kwargs, "min_size_px": 10_000}
     )
     assert (rejects["reason"] == "too_small").sum() == len(entries)
+
+
+def test_twin_datasets_get_their_datasets_pairs_not_their_own_copies(tmp_path):
+    from leukflow.ingest import find_duplicates, mirror_duplicates
+
+    rng = np.random.default_rng(1)
+    base = (rng.random((48, 48, 3)) * 255).astype(np.uint8)
+    Image.fromarray(base).save(tmp_path / "a.png")
+    Image.fromarray(base).save(tmp_path / "a_copy.bmp")
+    Image.fromarray((rng.random((48, 48, 3)) * 255).astype(np.uint8)).save(tmp_path / "b.png")
+    records = pd.DataFrame({"path": ["a.png", "a_copy.bmp", "b.png"], "label": "x",
+                            "patient": ["p1", "p2", "p3"]})  # fmt: skip
+    tables = [ingest_images(records, dataset=d, root=tmp_path, min_size_px=1)[0]
+              for d in ("d", "d_random", "e")]  # fmt: skip
+    manifest = pd.concat(tables, ignore_index=True)
+    twins = {"d_random": "d"}
+    pairs = mirror_duplicates(
+        find_duplicates(manifest[~manifest["dataset"].isin(twins)], max_distance=0.005), twins
+    )
+    found = sorted(map(tuple, pairs[["image_id_a", "image_id_b"]].values.tolist()))
+    # within d, within its twin, and across the two configured datasets d and e;
+    # never an image of d against its own copy in d_random
+    assert found == [
+        ("d/a", "d/a_copy"), ("d/a", "e/a"), ("d/a", "e/a_copy"), ("d/b", "e/b"),
+        ("d_random/a", "d_random/a_copy"),
+    ]  # fmt: skip
+    empty = find_duplicates(manifest[manifest["dataset"] == "e"].iloc[2:], max_distance=0.005)
+    assert mirror_duplicates(empty, twins).empty

@@ -116,6 +116,8 @@ def test_s2_preset_runs_end_to_end_beside_its_honest_twin(tmp_path):
         "demo_random": True,
     }
     assert (folds[folds["dataset"] == "demo"].groupby("patient")["fold"].nunique() == 1).all()
+    # the demo's fields are all distinct: the twin's images are not paired with their copies
+    assert pd.read_csv(out / "duplicates.csv").empty
     assert (
         folds[folds["dataset"] == "demo_random"].groupby("patient")["fold"].nunique() > 1
     ).any()

@@ -361,3 +361,38 @@ def find_duplicates(manifest: pd.DataFrame, *, max_distance: float) -> pd.DataFr
         "%d duplicate pairs (%s)", len(duplicates), duplicates["kind"].value_counts().to_dict()
     )
     return duplicates
+
+
+def mirror_duplicates(duplicates: pd.DataFrame, twins: Mapping[str, str]) -> pd.DataFrame:
+    """Add each dataset's duplicate pairs again under its ``folds.twin`` name.
+
+    A twin (``<name>_random`` or ``<name>_grouped``) holds the same files as
+    the dataset it copies. Searching the twin's images too would pair every
+    image with its own copy; instead the search runs on the configured
+    datasets and the pairs within a dataset are repeated for its twin, so the
+    twin's folds group the same copies together.
+
+    Parameters
+    ----------
+    duplicates : pandas.DataFrame
+        Pairs from :func:`find_duplicates` over the configured datasets.
+    twins : mapping
+        Twin dataset -> the dataset it copies.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``duplicates`` followed by each twin's pairs, ids renamed
+        ``<name>/...`` -> ``<twin>/...``.
+    """
+    parts = [duplicates]
+    for twin, name in twins.items():
+        prefix = f"{name}/"
+        inside = duplicates["image_id_a"].str.startswith(prefix) & duplicates[
+            "image_id_b"
+        ].str.startswith(prefix)
+        renamed = duplicates[inside].copy()
+        for col in ("image_id_a", "image_id_b"):
+            renamed[col] = f"{twin}/" + renamed[col].str.slice(len(prefix))
+        parts.append(renamed)
+    return pd.concat(parts, ignore_index=True)[DUPLICATE_COLUMNS]

@@ -53,5 +53,6 @@ rule ingest_images:
         min_size_px=config["ingest"]["min_size_px"],
         duplicate_max_distance=config["ingest"]["duplicate_max_distance"],
         cache_dir=result("cache"),
+        twins=TWINS,
     script:
         "../scripts/ingest_images.py"

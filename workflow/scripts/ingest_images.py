@@ -1,6 +1,6 @@
 """Rule ingest_images: dataset folders -> manifest.parquet, rejects.csv, duplicates.csv."""
 
-from leukflow.ingest import find_duplicates, ingest_datasets
+from leukflow.ingest import find_duplicates, ingest_datasets, mirror_duplicates
 from leukflow.io import write_table
 from leukflow.runlog import start_log
 
@@ -14,7 +14,16 @@ manifest, rejects = ingest_datasets(
     n_workers=snakemake.threads,
     cache_dir=snakemake.params.cache_dir,
 )
-duplicates = find_duplicates(manifest, max_distance=snakemake.params.duplicate_max_distance)
+# folds.twin datasets repeat their dataset's files: search the configured datasets,
+# then give each twin its dataset's pairs (not every image paired with its copy)
+twins = snakemake.params.twins
+duplicates = mirror_duplicates(
+    find_duplicates(
+        manifest[~manifest["dataset"].isin(twins)],
+        max_distance=snakemake.params.duplicate_max_distance,
+    ),
+    twins,
+)
 write_table(manifest, snakemake.output.manifest)
 write_table(rejects, snakemake.output.rejects)
 write_table(duplicates, snakemake.output.duplicates)
