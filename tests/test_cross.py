@@ -15,6 +15,7 @@ from leukflow.cross import (
     CROSS_METRICS,
     evaluate_cross,
     plot_cross_matrix,
+    shared_images,
     summarise_cross,
 )
 from leukflow.train import training_rows
@@ -103,6 +104,30 @@ def test_cross_refuses_mismatched_rows_and_shared_images():
     with pytest.raises(ValueError, match="1 images are in both"):
         evaluate_cross(emb, rois, t_emb, t_rois, t_images, classifiers=KNN,
                        positive_label="ALL")  # fmt: skip
+
+
+def test_shared_images_finds_copies_across_datasets_by_content_not_name():
+    manifest = pd.DataFrame({
+        "image_id": ["a/0", "a/1", "a/2", "b/0", "b/1", "b/2", "c/0"],
+        "pixel_sha256": ["x", "y", "z", "y", "w", "v", "x"],
+    })  # fmt: skip
+    duplicates = pd.DataFrame({
+        "image_id_a": ["a/1", "b/2", "a/0"],
+        "image_id_b": ["b/0", "a/2", "c/0"],
+        "kind": ["exact", "near", "exact"],
+    })  # fmt: skip
+    a, b = ["a/0", "a/1", "a/2"], ["b/0", "b/1", "b/2"]
+    # b/0 has a/1's pixels; b/2 is a near copy of a/2 (listed either way round);
+    # the same names (a/0, b/0) mean nothing, and c is in neither dataset
+    assert shared_images(a, b, manifest, duplicates) == [
+        ("a/1", "b/0", "exact"),
+        ("a/2", "b/2", "near"),
+    ]
+    assert shared_images(b, a, manifest, duplicates) == [
+        ("b/0", "a/1", "exact"),
+        ("b/2", "a/2", "near"),
+    ]
+    assert shared_images(["a/0"], ["b/1"], manifest, duplicates) == []
 
 
 def test_summarise_cross_one_row_per_pair_and_level_and_the_plot(tmp_path):
@@ -244,3 +269,14 @@ def test_e2e_cross_dataset_table_matches_the_test_datasets(tmp_path):
     )
     assert (out / "cross_dataset.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "train/a/cnn/whole.pt").exists()
+    # one of b's fields replaced by one of a's: the pair now shares a cell, and
+    # the run stops before scoring it
+    first = sorted((tmp_path / "a" / "images").glob("*.png"))[0]
+    victim = sorted((tmp_path / "b" / "images").glob("*.png"))[0]
+    victim.write_bytes(first.read_bytes())
+    run = _snakemake(tmp_path, "--forcerun", "ingest_images")
+    assert run.returncode != 0
+    log = (out / "logs/cross/a/b/cnn.log").read_text()
+    message = "evaluation.cross_dataset a -> b: 1 test images are also in the train dataset"
+    assert message in run.stdout + run.stderr + log
+    assert f"('a/images/{first.stem}', 'b/images/{victim.stem}', 'exact')" in run.stderr + log

@@ -11,7 +11,7 @@ intervals that resample the test dataset's patient groups.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import matplotlib
@@ -37,6 +37,50 @@ COLUMNS = [
 ]
 #: The one "fold" of a cross-dataset evaluation: the whole test dataset.
 TEST_FOLD = 0
+
+
+def shared_images(
+    train_ids: Iterable[str],
+    test_ids: Iterable[str],
+    manifest: pd.DataFrame,
+    duplicates: pd.DataFrame,
+) -> list[tuple[str, str, str]]:
+    """Find the images of a test dataset that its train dataset also holds.
+
+    Two datasets can hold the same cell under different names: a file copied
+    into both, or the same field re-saved or re-compressed. Either is leakage
+    across a cross-dataset pair.
+
+    Parameters
+    ----------
+    train_ids, test_ids : iterable of str
+        The two datasets' image ids.
+    manifest : pandas.DataFrame
+        ``image_id`` and ``pixel_sha256`` of every image (``manifest.parquet``).
+    duplicates : pandas.DataFrame
+        ``image_id_a``, ``image_id_b``, ``kind`` pairs (``duplicates.csv``).
+
+    Returns
+    -------
+    list of tuple
+        Sorted ``(train image, test image, kind)``: ``exact`` for the same
+        decoded pixels, else the pair's kind in ``duplicates``.
+    """
+    train, test = set(train_ids), set(test_ids)
+    pixels = manifest.set_index("image_id")["pixel_sha256"]
+    by_pixels: dict[str, list[str]] = {}
+    for image in sorted(train & set(pixels.index)):
+        by_pixels.setdefault(pixels[image], []).append(image)
+    found = {
+        (a, b): "exact"
+        for b in sorted(test & set(pixels.index))
+        for a in by_pixels.get(pixels[b], [])
+    }
+    for a, b, kind in duplicates[["image_id_a", "image_id_b", "kind"]].itertuples(index=False):
+        for x, y in ((a, b), (b, a)):
+            if x in train and y in test:
+                found.setdefault((x, y), kind)
+    return sorted((a, b, kind) for (a, b), kind in found.items())
 
 
 def evaluate_cross(

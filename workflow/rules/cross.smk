@@ -50,6 +50,8 @@ rule fit_cross_classifiers:
         test_store=cross_store("{test}"),
         test_ids=result("cross/embeddings/{train}/{encoder}/{test}_rois.parquet"),
         folds=result("folds.csv"),
+        manifest=result("manifest.parquet"),
+        duplicates=result("duplicates.csv"),
     output:
         roi_predictions=result("cross/{train}/{test}/{encoder}/roi_predictions.parquet"),
         image_predictions=result(

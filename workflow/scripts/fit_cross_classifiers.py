@@ -1,6 +1,6 @@
 """Rule fit_cross_classifiers: classifiers fitted on one dataset, scored on another."""
 
-from leukflow.cross import evaluate_cross
+from leukflow.cross import evaluate_cross, shared_images
 from leukflow.folds import label_rois
 from leukflow.io import open_embeddings, read_table, write_table
 from leukflow.runlog import start_log
@@ -23,6 +23,19 @@ _, train_rois, train_emb = dataset_rois(wc.train, snakemake.input.train_ids,
                                         snakemake.input.train_store)  # fmt: skip
 test_images, test_rois, test_emb = dataset_rois(wc.test, snakemake.input.test_ids,
                                                 snakemake.input.test_store)  # fmt: skip
+# the same cell in both datasets (same pixels, or a near copy in duplicates.csv) leaks
+shared = shared_images(
+    folds.loc[folds["dataset"] == wc.train, "image_id"],
+    test_images["image_id"],
+    read_table(snakemake.input.manifest),
+    read_table(snakemake.input.duplicates),
+)
+if shared:
+    raise ValueError(
+        f"evaluation.cross_dataset {wc.train} -> {wc.test}: {len(shared)} test images are "
+        f"also in the train dataset, e.g. {shared[:3]} (train image, test image, kind; "
+        f"see {snakemake.input.duplicates}); remove them from one dataset"
+    )
 result = evaluate_cross(
     train_emb,
     train_rois,
