@@ -315,7 +315,12 @@ def image_thumbnail(rgb: np.ndarray, size_px: int = 16) -> np.ndarray:
     return (thumb / norm if norm > 0 else thumb).astype(np.float32)
 
 
-def find_duplicates(manifest: pd.DataFrame, *, max_distance: float) -> pd.DataFrame:
+def find_duplicates(
+    manifest: pd.DataFrame,
+    *,
+    max_distance: float,
+    twins: Mapping[str, str] | None = None,
+) -> pd.DataFrame:
     """Find exact and near-duplicate images across every dataset of a run.
 
     Exact duplicates decode to the same pixels (the same file re-saved in
@@ -323,20 +328,32 @@ def find_duplicates(manifest: pd.DataFrame, *, max_distance: float) -> pd.DataFr
     is at least ``1 - max_distance`` (re-compressed, slightly rescaled or
     re-stained copies).
 
+    A ``folds.twin`` dataset (``<name>_random`` or ``<name>_grouped``) holds
+    the same files as the dataset it copies. Searching its images too would
+    pair every image with its own copy; instead the search skips the twins and
+    repeats the pairs within a dataset for its twin, so the twin's folds group
+    the same copies together.
+
     Parameters
     ----------
     manifest : pandas.DataFrame
-        ``image_id``, ``pixel_sha256`` and ``thumbnail`` of every image, as
-        :func:`ingest_images` writes them; no image is decoded again.
+        ``image_id``, ``dataset``, ``pixel_sha256`` and ``thumbnail`` of every
+        image, as :func:`ingest_images` writes them; no image is decoded again.
     max_distance : float
         Largest ``1 - correlation`` of two thumbnails called a near duplicate;
         0 keeps exact duplicates only.
+    twins : mapping, optional
+        Twin dataset -> the dataset it copies.
 
     Returns
     -------
     pandas.DataFrame
-        ``image_id_a, image_id_b, kind`` (``exact`` or ``near``), ``distance``.
+        ``image_id_a, image_id_b, kind`` (``exact`` or ``near``), ``distance``;
+        each twin's pairs follow, ids renamed ``<name>/...`` -> ``<twin>/...``.
     """
+    twins = twins or {}
+    if twins:
+        manifest = manifest[~manifest["dataset"].isin(twins)]
     ids = manifest["image_id"].tolist()
     rows = []
     for _, same in manifest.groupby("pixel_sha256", sort=False):
@@ -357,34 +374,6 @@ def find_duplicates(manifest: pd.DataFrame, *, max_distance: float) -> pd.DataFr
                 rows.append({"image_id_a": ids[a], "image_id_b": ids[j], "kind": "near",
                              "distance": float(max(0.0, 1 - corr[i, j]))})  # fmt: skip
     duplicates = pd.DataFrame(rows, columns=DUPLICATE_COLUMNS)
-    log.info(
-        "%d duplicate pairs (%s)", len(duplicates), duplicates["kind"].value_counts().to_dict()
-    )
-    return duplicates
-
-
-def mirror_duplicates(duplicates: pd.DataFrame, twins: Mapping[str, str]) -> pd.DataFrame:
-    """Add each dataset's duplicate pairs again under its ``folds.twin`` name.
-
-    A twin (``<name>_random`` or ``<name>_grouped``) holds the same files as
-    the dataset it copies. Searching the twin's images too would pair every
-    image with its own copy; instead the search runs on the configured
-    datasets and the pairs within a dataset are repeated for its twin, so the
-    twin's folds group the same copies together.
-
-    Parameters
-    ----------
-    duplicates : pandas.DataFrame
-        Pairs from :func:`find_duplicates` over the configured datasets.
-    twins : mapping
-        Twin dataset -> the dataset it copies.
-
-    Returns
-    -------
-    pandas.DataFrame
-        ``duplicates`` followed by each twin's pairs, ids renamed
-        ``<name>/...`` -> ``<twin>/...``.
-    """
     parts = [duplicates]
     for twin, name in twins.items():
         prefix = f"{name}/"
@@ -395,4 +384,8 @@ def mirror_duplicates(duplicates: pd.DataFrame, twins: Mapping[str, str]) -> pd.
         for col in ("image_id_a", "image_id_b"):
             renamed[col] = f"{twin}/" + renamed[col].str.slice(len(prefix))
         parts.append(renamed)
-    return pd.concat(parts, ignore_index=True)[DUPLICATE_COLUMNS]
+    duplicates = pd.concat(parts, ignore_index=True)
+    log.info(
+        "%d duplicate pairs (%s)", len(duplicates), duplicates["kind"].value_counts().to_dict()
+    )
+    return duplicates

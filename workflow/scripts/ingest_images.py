@@ -1,6 +1,6 @@
 """Rule ingest_images: dataset folders -> manifest.parquet, rejects.csv, duplicates.csv."""
 
-from leukflow.ingest import find_duplicates, ingest_datasets, mirror_duplicates
+from leukflow.ingest import find_duplicates, ingest_datasets
 from leukflow.io import write_table
 from leukflow.runlog import start_log
 
@@ -14,15 +14,11 @@ manifest, rejects = ingest_datasets(
     n_workers=snakemake.threads,
     cache_dir=snakemake.params.cache_dir,
 )
-# folds.twin datasets repeat their dataset's files: search the configured datasets,
-# then give each twin its dataset's pairs (not every image paired with its copy)
-twins = snakemake.params.twins
-duplicates = mirror_duplicates(
-    find_duplicates(
-        manifest[~manifest["dataset"].isin(twins)],
-        max_distance=snakemake.params.duplicate_max_distance,
-    ),
-    twins,
+# folds.twin datasets repeat their dataset's files: each gets its dataset's pairs
+duplicates = find_duplicates(
+    manifest,
+    max_distance=snakemake.params.duplicate_max_distance,
+    twins=snakemake.params.twins,
 )
 write_table(manifest, snakemake.output.manifest)
 write_table(rejects, snakemake.output.rejects)
