@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from crafted import png_bomb
 from PIL import Image
 
 from leukflow.datasets import RECORD_COLUMNS, list_demo, list_folders
@@ -49,6 +50,8 @@ def _demo_folder(root: Path) -> dict:
     expected["images/empty.png"] = ("reject", "empty_file")
     (root / "images/text.png").write_text("not an image")
     expected["images/text.png"] = ("reject", "not_an_image")
+    (root / "images/bomb.png").write_bytes(png_bomb())
+    expected["images/bomb.png"] = ("reject", "too_large")
     _png(root / "images/tiny.png", MIN_SIZE - 1, 50, seed=6)
     expected["images/tiny.png"] = ("reject", "too_small")
     _png(root / "images/unlisted.png", 20, 20, seed=7)

@@ -8,12 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import zarr
+from crafted import png_bomb
 from PIL import Image
 
 from leukflow.io import (
     InvalidInputError,
     atomic_path,
     open_embeddings,
+    open_image,
     read_crops,
     read_image,
     read_table,
@@ -145,6 +147,23 @@ def test_read_image_too_large(tmp_path, monkeypatch):
     monkeypatch.setattr("leukflow.io.MAX_IMAGE_PIXELS", 99)
     with pytest.raises(InvalidInputError, match="decompression bomb") as info:
         read_image(tmp_path / "big.png")
+    assert info.value.reason == "too_large"
+
+
+def test_read_image_decompression_bomb_is_too_large_before_any_decode(tmp_path):
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_bomb(40_000, 40_000))
+    assert bomb.stat().st_size < 1000
+    with pytest.raises(InvalidInputError, match=r"bomb\.png: .*decompression bomb") as info:
+        read_image(bomb)
+    assert info.value.reason == "too_large"
+
+
+def test_open_image_refuses_above_its_own_limit_below_pillows(tmp_path):
+    bomb = io.BytesIO(png_bomb(5_000, 5_000))  # 25 Mpx: Pillow would decode it
+    with pytest.raises(InvalidInputError, match=r"up\.png: 5000x5000 = 25,000,000 pixels") as info:
+        with open_image(bomb, name="up.png", max_pixels=1_000_000):
+            pass
     assert info.value.reason == "too_large"
 
 

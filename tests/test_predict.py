@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from crafted import png_bomb
 from PIL import Image
 
 from leukflow.demo import draw_demo_dataset
@@ -103,17 +104,22 @@ def test_predict_cli_calls_new_fields_and_reports_a_corrupt_one(e2e_run, new_fie
     _, out = e2e_run
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_bomb())
     cmd = [sys.executable, "-m", "leukflow.cli", "predict", "--model", str(out),
            "--classifier", "random_forest", "--out", str(tmp_path / "preds.csv"),
-           str(new_fields / "images"), str(bad)]  # fmt: skip
+           str(new_fields / "images"), str(bad), str(bomb)]  # fmt: skip
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert "9 images (demo / resnet18 / random_forest, 3 folds averaged" in run.stdout
+    assert "10 images (demo / resnet18 / random_forest, 3 folds averaged" in run.stdout
     images = pd.read_csv(tmp_path / "preds_images.csv").fillna({"reason": "", "message": ""})
-    assert len(images) == 9
+    assert len(images) == 10
     broken = images[images["image"] == str(bad)].iloc[0]
     assert (broken["status"], broken["reason"]) == ("error", "unreadable")
     assert "broken.png" in broken["message"]
+    bombed = images[images["image"] == str(bomb)].iloc[0]
+    assert (bombed["status"], bombed["reason"]) == ("error", "too_large")
+    assert "1600000000 pixels" in bombed["message"]
     ok = images[images["status"] == "ok"].copy()
     ok["name"] = ok["image"].map(lambda p: "images/" + p.rsplit("/", 1)[1])
     truth = pd.read_csv(new_fields / "labels.csv").set_index("image")["label"]

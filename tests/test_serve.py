@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import requests
 from browser import assert_not_blank, screenshot
+from crafted import png_bomb
 from PIL import Image
 
 from leukflow.predict import load_predictor
@@ -34,7 +35,7 @@ def test_check_upload_refuses_by_content_type_and_pixels():
     with pytest.raises(UploadError, match=r"notes.txt: expected an image file .*got .txt") as err:
         check_upload(b"hello", "notes.txt", max_pixels=10**6)
     assert err.value.status == 415
-    with pytest.raises(UploadError, match=r"fake\.png: not an image Pillow can read") as err:
+    with pytest.raises(UploadError, match=r"fake\.png: not an image file") as err:
         check_upload(b"hello", "fake.png", max_pixels=10**6)
     assert err.value.status == 400
     gif = io.BytesIO()
@@ -46,6 +47,9 @@ def test_check_upload_refuses_by_content_type_and_pixels():
     assert err.value.status == 415
     with pytest.raises(UploadError, match="the file is empty"):
         check_upload(b"", "empty.png", max_pixels=10**6)
+    with pytest.raises(UploadError, match=r"bomb\.png: .*decompression bomb") as err:
+        check_upload(png_bomb(), "bomb.png", max_pixels=10**6)
+    assert err.value.status == 413
 
 
 # ------------------------------------------------------- on a small trained run
@@ -73,6 +77,9 @@ def test_upload_limits_answer_4xx_with_a_message(client):
     bad = client.post("/upload", data={"image": (io.BytesIO(truncated), "cut.png")})
     assert bad.status_code == 400
     assert "cannot use this image (unreadable): cut.png" in bad.text
+    bomb = client.post("/upload", data={"image": (io.BytesIO(png_bomb()), "bomb.png")})
+    assert bomb.status_code == 413
+    assert "bomb.png: Image size (1600000000 pixels) exceeds limit" in bomb.text
     assert client.get("/results/nope").status_code == 404
 
 

@@ -18,7 +18,7 @@ import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pandas as pd
@@ -151,29 +151,82 @@ def read_image_noted(path: str | Path) -> tuple[np.ndarray, str]:
         raise InvalidInputError("missing_file", f"{path}: no such file")
     if path.stat().st_size == 0:
         raise InvalidInputError("empty_file", f"{path}: file is empty (0 bytes)")
-    try:
-        with Image.open(path) as im:
-            if im.width * im.height > MAX_IMAGE_PIXELS:
-                raise InvalidInputError(
-                    "too_large",
-                    f"{path}: {im.width}x{im.height} pixels exceeds the limit of "
-                    f"{MAX_IMAGE_PIXELS} (possible decompression bomb)",
-                )
+    with open_image(path, name=str(path)) as im:
+        mode = im.mode
+        with _decode_errors(str(path)):
             im.load()
-            mode = im.mode
-            try:
-                rgb = _to_rgb8(im)
-            except (ValueError, OSError) as err:
-                raise InvalidInputError(
-                    "unsupported_mode", f"{path}: cannot convert mode {mode} to RGB ({err})"
-                ) from err
-    except UnidentifiedImageError as err:
-        raise InvalidInputError("not_an_image", f"{path}: not an image file ({err})") from err
-    except (OSError, SyntaxError, ValueError) as err:
-        if isinstance(err, InvalidInputError):
-            raise
-        raise InvalidInputError("unreadable", f"{path}: cannot decode image ({err})") from err
+        try:
+            rgb = _to_rgb8(im)
+        except (ValueError, OSError) as err:
+            raise InvalidInputError(
+                "unsupported_mode", f"{path}: cannot convert mode {mode} to RGB ({err})"
+            ) from err
     return rgb, "" if mode == "RGB" else f"converted from {mode}"
+
+
+@contextlib.contextmanager
+def open_image(
+    source: str | Path | BinaryIO, *, name: str, max_pixels: int | None = None
+) -> Iterator[Image.Image]:
+    """Open an image lazily, refusing bombs and broken headers before any decode.
+
+    Parameters
+    ----------
+    source : str, Path or binary file object
+        The image file, or its bytes as a file object (an upload).
+    name : str
+        How messages name the file.
+    max_pixels : int, optional
+        Largest width x height accepted; :data:`MAX_IMAGE_PIXELS` by default.
+
+    Yields
+    ------
+    PIL.Image.Image
+        The opened, not yet decoded image.
+
+    Raises
+    ------
+    InvalidInputError
+        ``too_large`` for more than ``max_pixels`` pixels, whether Pillow's own
+        bomb check or leukflow's fires first; ``not_an_image`` when no decoder
+        recognises the file; ``unreadable`` for a header that breaks the decoder.
+    """
+    with _decode_errors(name):
+        im = Image.open(source)
+    max_pixels = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    try:
+        if im.width * im.height > max_pixels:
+            raise InvalidInputError(
+                "too_large",
+                f"{name}: {im.width}x{im.height} = {im.width * im.height:,} pixels is above "
+                f"the limit of {max_pixels:,} (possible decompression bomb)",
+            )
+        yield im
+    finally:
+        im.close()
+
+
+@contextlib.contextmanager
+def _decode_errors(name: str) -> Iterator[None]:
+    """Turn whatever a decoder raises on a crafted or damaged file into a reason code."""
+    try:
+        yield
+    except InvalidInputError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise InvalidInputError(
+            "too_large", f"{name}: {err} (possible decompression bomb)"
+        ) from err
+    except UnidentifiedImageError as err:
+        raise InvalidInputError("not_an_image", f"{name}: not an image file ({err})") from err
+    except MemoryError as err:
+        raise InvalidInputError("too_large", f"{name}: decoding needs too much memory") from err
+    # Decoders of damaged files raise more than OSError (struct.error, IndexError,
+    # ZeroDivisionError...); none of it may stop a run, so all of it is a reason code.
+    except Exception as err:
+        raise InvalidInputError(
+            "unreadable", f"{name}: cannot decode image ({type(err).__name__}: {err})"
+        ) from err
 
 
 def _to_rgb8(im: Image.Image) -> np.ndarray:

@@ -27,10 +27,10 @@ from typing import Any
 
 import pandas as pd
 from flask import Flask, Response, abort, redirect, render_template_string, request, url_for
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from leukflow.io import InvalidInputError, read_image
+from leukflow.io import InvalidInputError, open_image, read_image
 from leukflow.predict import IMAGE_SUFFIXES, Predictor, draw_overlay, predict_images
 
 log = logging.getLogger(__name__)
@@ -140,19 +140,14 @@ def check_upload(data: bytes, filename: str, *, max_pixels: int) -> None:
             f"got {suffix or 'a name without suffix'}",
         )
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            fmt, (width, height) = im.format, im.size
-    except (UnidentifiedImageError, OSError) as err:
-        raise UploadError(400, f"{filename}: not an image Pillow can read ({err})") from err
+        with open_image(io.BytesIO(data), name=filename, max_pixels=max_pixels) as im:
+            fmt = im.format
+    except InvalidInputError as err:
+        status = 413 if err.reason == "too_large" else 400
+        raise UploadError(status, str(err)) from err
     if fmt not in ACCEPTED_FORMATS:
         raise UploadError(
             415, f"{filename}: expected one of {', '.join(ACCEPTED_FORMATS)}; got a {fmt} image"
-        )
-    if width * height > max_pixels:
-        raise UploadError(
-            413,
-            f"{filename}: {width}x{height} = {width * height:,} pixels is above the limit of "
-            f"{max_pixels:,}",
         )
 
 
