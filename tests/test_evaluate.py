@@ -2,10 +2,13 @@
 
 import logging
 import math
+import subprocess
+import zipfile
 
 import numpy as np
 import pandas as pd
 import pytest
+import skops.io
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.decomposition import PCA
 from sklearn.ensemble import RandomForestClassifier
@@ -543,8 +546,46 @@ def test_load_model_refuses_types_outside_sklearn(tmp_path):
     pipe = Pipeline([("f", FunctionTransformer(_double)), ("knn", KNeighborsClassifier(3))])
     pipe.fit(embeddings[0], rois["label"])
     save_model(pipe, tmp_path / "odd.skops")
-    with pytest.raises(InvalidInputError, match=r"outside scikit-learn, refused: .*_double"):
+    with pytest.raises(InvalidInputError, match=r"odd.skops: holds types .*refused: .*_double"):
         load_model(tmp_path / "odd.skops")
+
+
+def test_a_callable_named_under_sklearn_in_a_crafted_model_file_never_runs(tmp_path):
+    """A shared results folder may hold a .skops file that calls a program on predict."""
+    marker = tmp_path / "ran"
+    pipe = Pipeline([("run", FunctionTransformer(subprocess.check_output, validate=False))])
+    path = tmp_path / "knn_fold_0.skops"
+    save_model(pipe, path)
+    # Name the callable where scikit-learn re-exports it, as a crafted file would.
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    schema = members["schema.json"].decode()
+    assert '"__module__": "subprocess"' in schema
+    members["schema.json"] = schema.replace(
+        '"__module__": "subprocess"', '"__module__": "sklearn.utils._testing"'
+    ).encode()
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    assert skops.io.get_untrusted_types(file=path) == ["sklearn.utils._testing.check_output"]
+    # What trusting the sklearn. prefix loads runs a program on transform:
+    loaded = skops.io.load(path, trusted=["sklearn.utils._testing.check_output"])
+    loaded.transform(["touch", str(marker)])
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(InvalidInputError, match=r"knn_fold_0\.skops: holds types") as info:
+        load_model(path)
+    assert info.value.reason == "untrusted_model"
+    assert "sklearn.utils._testing.check_output (FunctionNode)" in str(info.value)
+    assert "FunctionTransformer" in str(info.value)
+    assert not marker.exists()
+
+
+def test_load_model_refuses_a_file_that_is_not_a_skops_archive(tmp_path):
+    (tmp_path / "model.skops").write_bytes(b"\x80\x04pickled")
+    with pytest.raises(InvalidInputError, match=r"model\.skops: not a skops model file") as info:
+        load_model(tmp_path / "model.skops")
+    assert info.value.reason == "unreadable"
 
 
 # ------------------------------------------------------------------ any_positive
