@@ -4,7 +4,7 @@
 
 from snakemake.utils import min_version
 
-from leukflow.config import validate_config
+from leukflow.core.config import validate_config
 
 min_version("9.0")
 

@@ -1,7 +1,7 @@
 """Benchmark the embed step against a bare forward loop on the same ROIs.
 
 Bare: the model's forward over tensors already decoded, resized, normalised
-and on the device. leukflow: :func:`leukflow.embed.embed_rois` from the crop
+and on the device. leukflow: :func:`leukflow.learn.embed.embed_rois` from the crop
 store on disk (decode, transform, forward, zarr write, checkpoint load
 included). Crops are real white cells (Zheng et al. 2018, ../shared/data),
 resized to the ROI side and repeated to ``--n-rois``; generated ones when the
@@ -20,10 +20,10 @@ import torch
 from PIL import Image
 
 import leukflow
-from leukflow.embed import embed_rois
-from leukflow.io import open_embeddings, write_crops
-from leukflow.models import encoder_from_checkpoint, pick_device, save_checkpoint, to_tensor
-from leukflow.train import train_encoder
+from leukflow.data.io import open_embeddings, write_crops
+from leukflow.learn.embed import embed_rois
+from leukflow.learn.models import encoder_from_checkpoint, pick_device, save_checkpoint, to_tensor
+from leukflow.learn.train import train_encoder
 
 ZHENG = Path(__file__).resolve().parents[2] / "shared" / "data" / "segmentation_WBC"
 

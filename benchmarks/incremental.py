@@ -29,7 +29,7 @@ import pandas as pd
 import yaml
 from PIL import Image
 
-from leukflow.demo import draw_demo_dataset
+from leukflow.data.demo import draw_demo_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

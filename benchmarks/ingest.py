@@ -53,7 +53,7 @@ def bare_loop(folder: Path, names: list[str]) -> float:
 
 
 def leukflow_ingest(folder: Path, names: list[str], n_workers: int) -> tuple[float, int]:
-    from leukflow.ingest import ingest_images
+    from leukflow.data.ingest import ingest_images
 
     records = pd.DataFrame({"path": names, "label": "x", "patient": names})
     start = time.perf_counter()

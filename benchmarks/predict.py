@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from leukflow.demo import draw_demo_dataset
+from leukflow.data.demo import draw_demo_dataset
 
 #: The child runs the CLI, then prints its own peak RSS (KiB on Linux).
 CHILD = (

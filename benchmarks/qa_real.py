@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from leukflow.datasets import list_bccd, list_zheng
-from leukflow.qa import score_segmentation, summarise_qa
+from leukflow.data.datasets import list_bccd, list_zheng
 from leukflow.segment import SegmentParams
+from leukflow.segment.qa import score_segmentation, summarise_qa
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 from skimage import color, filters, measure, morphology, transform
 
-from leukflow.demo import draw_demo_dataset
+from leukflow.data.demo import draw_demo_dataset
 from leukflow.segment import SegmentParams, segment_to_store
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from leukflow.demo import draw_demo_dataset
+from leukflow.data.demo import draw_demo_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -5,10 +5,10 @@ import json
 import pandas as pd
 import pytest
 
-from leukflow.datasets import list_bccd
-from leukflow.io import read_voc_boxes
-from leukflow.qa import score_segmentation, summarise_qa
+from leukflow.data.datasets import list_bccd
+from leukflow.data.io import read_voc_boxes
 from leukflow.segment import SegmentParams, match_rois_to_boxes, segment_images
+from leukflow.segment.qa import score_segmentation, summarise_qa
 
 
 @pytest.fixture(scope="module")

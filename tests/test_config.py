@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from leukflow.config import ConfigError, validate_config
+from leukflow.core.config import ConfigError, validate_config
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "config" / "config.yaml"
 

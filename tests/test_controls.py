@@ -10,8 +10,8 @@ import pytest
 import yaml
 import zarr
 
-from leukflow.compare import compare_figures
-from leukflow.controls import cell_mask, control_crop
+from leukflow.evaluate.compare import compare_figures
+from leukflow.evaluate.controls import cell_mask, control_crop
 
 REPO = Path(__file__).resolve().parents[1]
 

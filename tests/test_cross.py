@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from leukflow.cross import (
+from leukflow.evaluate.cross import (
     COLUMNS,
     CROSS_METRICS,
     evaluate_cross,
@@ -18,7 +18,7 @@ from leukflow.cross import (
     shared_images,
     summarise_cross,
 )
-from leukflow.train import training_rows
+from leukflow.learn.train import training_rows
 
 KNN = {"knn": {"n_neighbors": 1}}
 

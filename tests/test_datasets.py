@@ -1,4 +1,4 @@
-"""Tests of the dataset adapters (leukflow.datasets) and their path through ingest.
+"""Tests of the dataset adapters (leukflow.data.datasets) and their path through ingest.
 
 ALL-IDB1, ALL-IDB2 and C-NMC cannot be shipped, so their tests build small
 fixtures with the real names and layout; BCCD and segmentation_WBC are also
@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from leukflow.config import ConfigError, validate_config
-from leukflow.datasets import (
+from leukflow.core.config import ConfigError, validate_config
+from leukflow.data.datasets import (
     LISTERS,
     RECORD_COLUMNS,
     apply_label_map,
@@ -26,8 +26,8 @@ from leukflow.datasets import (
     list_zheng,
     read_xyc,
 )
-from leukflow.ingest import MANIFEST_COLUMNS, REJECT_COLUMNS, ingest_datasets
-from leukflow.io import InvalidInputError
+from leukflow.data.ingest import MANIFEST_COLUMNS, REJECT_COLUMNS, ingest_datasets
+from leukflow.data.io import InvalidInputError
 
 MIN_SIZE = 8
 
@@ -472,7 +472,7 @@ def test_validated_config_entries_can_be_passed_to_ingest(cnmc):
 
 
 def test_every_format_has_a_lister_and_the_schema_lists_them_all():
-    from leukflow.config import load_schema
+    from leukflow.core.config import load_schema
 
     formats = load_schema()["$defs"]["dataset"]["properties"]["format"]["enum"]
     assert sorted(formats) == sorted(LISTERS)

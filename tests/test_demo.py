@@ -1,4 +1,4 @@
-"""Tests of the synthetic demo dataset (leukflow.demo)."""
+"""Tests of the synthetic demo dataset (leukflow.data.demo)."""
 
 import hashlib
 from pathlib import Path
@@ -10,8 +10,8 @@ from PIL import Image
 from skimage.color import rgb2gray
 from skimage.filters import threshold_multiotsu
 
-from leukflow import demo
-from leukflow.demo import draw_demo_dataset
+from leukflow.data import demo
+from leukflow.data.demo import draw_demo_dataset
 
 N_FIELDS, FPP = 12, 3
 CELL_COLUMNS = ["image", "cell", "kind", "x0", "y0", "x1", "y1", "nucleus_area_px", "cell_area_px"]

@@ -1,4 +1,4 @@
-"""Tests of embedding (leukflow.embed) and the embedding store (leukflow.io). Tiny, on CPU."""
+"""Tests of embedding (leukflow.learn.embed) and the embedding store (leukflow.data.io)."""
 
 import re
 
@@ -7,9 +7,7 @@ import pytest
 import torch
 import zarr
 
-from leukflow.embed import embed_crops, embed_rois, iter_embeddings
-from leukflow.hog import hog_features
-from leukflow.io import (
+from leukflow.data.io import (
     EmbeddingStoreWriter,
     InvalidInputError,
     embeddings_attrs,
@@ -20,8 +18,10 @@ from leukflow.io import (
     write_crops,
     write_embeddings,
 )
-from leukflow.models import encoder_from_checkpoint, save_checkpoint, to_tensor
-from leukflow.train import train_encoder
+from leukflow.learn.embed import embed_crops, embed_rois, iter_embeddings
+from leukflow.learn.hog import hog_features
+from leukflow.learn.models import encoder_from_checkpoint, save_checkpoint, to_tensor
+from leukflow.learn.train import train_encoder
 
 CPU = torch.device("cpu")
 S = 32
@@ -196,7 +196,7 @@ def test_writer_chunks_rows_compresses_and_is_atomic(tmp_path):
 def test_frozen_embeddings_are_cached_per_image(arch, tmp_path, caplog):
     import logging
 
-    caplog.set_level(logging.INFO, logger="leukflow.embed")
+    caplog.set_level(logging.INFO, logger="leukflow.learn.embed")
     crops = _crops(12, seed=3)
     ck, _ = train_encoder(crops, ["ALL", "HEM"] * 6, arch=arch, training="frozen", epochs=1,
                           batch_size=4, lr=1e-3, normalisation="imagenet", seed=0,

@@ -1,4 +1,4 @@
-"""Tests of encoder training (leukflow.train): modes, honesty, seeds, resuming. Tiny, on CPU."""
+"""Tests of encoder training (leukflow.learn.train): modes, honesty, seeds, resuming."""
 
 import logging
 
@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from leukflow import train as train_module
-from leukflow.embed import embed_crops
-from leukflow.models import build_encoder, encoder_from_checkpoint
-from leukflow.train import (
+from leukflow.learn import train as train_module
+from leukflow.learn.embed import embed_crops
+from leukflow.learn.models import build_encoder, encoder_from_checkpoint
+from leukflow.learn.train import (
     S1_HEAD_EPOCHS,
     inner_split,
     one_cycle_lr,
@@ -197,7 +197,7 @@ def test_early_stopping_keeps_the_best_epoch():
 
 def test_frozen_keeps_the_initial_weights(tmp_path):
     torch.manual_seed(3)
-    from leukflow.models import save_weights
+    from leukflow.learn.models import save_weights
 
     source = build_encoder("resnet18", 2)
     save_weights(source, "resnet18", tmp_path / "w.pth")
@@ -296,7 +296,7 @@ def test_a_killed_training_resumes_and_ends_as_if_never_killed(tmp_path, monkeyp
         train_fold(rois, crops, resume_dir=tmp_path / "r", **kw)
     assert (tmp_path / "r" / "last.pt").is_file()
     monkeypatch.setattr(train_module, "_save_state", real_save)
-    with caplog.at_level(logging.INFO, logger="leukflow.train"):
+    with caplog.at_level(logging.INFO, logger="leukflow.learn.train"):
         resumed, history = train_fold(rois, crops, resume_dir=tmp_path / "r", **kw)
     assert "after epoch 2" in caplog.text
     assert list(history["epoch"]) == [1, 2, 3]
@@ -323,7 +323,7 @@ def test_a_corrupt_checkpoint_is_reported_and_the_last_good_one_used(tmp_path, m
     monkeypatch.setattr(train_module, "_save_state", real_save)
     last = tmp_path / "last.pt"
     last.write_bytes(last.read_bytes()[:1000])  # truncated, as by a full disk
-    with caplog.at_level(logging.INFO, logger="leukflow.train"):
+    with caplog.at_level(logging.INFO, logger="leukflow.learn.train"):
         resumed, history = train_encoder(crops, labels, resume_dir=tmp_path, **kw)
     assert f"resume checkpoint {last} is corrupt" in caplog.text
     assert "prev.pt after epoch 1" in caplog.text

@@ -1,4 +1,4 @@
-"""Tests of classifiers and metrics (leukflow.evaluate)."""
+"""Tests of classifiers and metrics (leukflow.evaluate.classify)."""
 
 import logging
 import math
@@ -19,8 +19,9 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from sklearn.svm import LinearSVC
 
-from leukflow import evaluate
-from leukflow.evaluate import (
+from leukflow.data.io import InvalidInputError
+from leukflow.evaluate import classify as evaluate
+from leukflow.evaluate.classify import (
     CI_COLUMNS,
     COUNTS,
     METRICS,
@@ -40,8 +41,7 @@ from leukflow.evaluate import (
     score_predictions,
     vote_predictions,
 )
-from leukflow.folds import LeakageError
-from leukflow.io import InvalidInputError
+from leukflow.evaluate.folds import LeakageError
 
 POS, NEG = "ALL", "HEM"
 CLASSIFIERS = {
@@ -504,7 +504,7 @@ def test_make_classifier_optional_pca():
 def test_fit_predict_folds_with_pca_larger_than_the_data(caplog):
     rois, embeddings = _blobs(dim=8)
     classifiers = {"knn": {"n_neighbors": 3, "pca_components": 50}}
-    with caplog.at_level(logging.WARNING, logger="leukflow.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="leukflow.evaluate.classify"):
         preds, models = fit_predict_folds(
             embeddings, rois, classifiers=classifiers, positive_label=POS, return_models=True
         )
@@ -898,7 +898,7 @@ def test_rare_label_does_not_break_the_svms(caplog):
     rois, embeddings = _blobs()
     rois.loc[0, "label"] = "basophil"
     svms = {"svm_rbf": {"C": 1.0}, "svm_linear": {"C": 1.0, "max_iter": 5000}}
-    with caplog.at_level(logging.WARNING, logger="leukflow.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="leukflow.evaluate.classify"):
         preds = fit_predict_folds(embeddings, rois, classifiers=svms, positive_label=POS)
     assert "['basophil'] have fewer than 5 training ROIs" in caplog.text
     assert len(preds) == 2 * len(rois)
@@ -1021,7 +1021,7 @@ def test_grid_is_tuned_by_an_inner_grouped_cv_on_training_rois_only(monkeypatch,
 
     monkeypatch.setattr(evaluate.GridSearchCV, "fit", spy)
     knn = {"knn": {"n_neighbors": 5, "grid": {"n_neighbors": [1, 3, 7]}}}
-    with caplog.at_level(logging.INFO, logger="leukflow.evaluate"):
+    with caplog.at_level(logging.INFO, logger="leukflow.evaluate.classify"):
         preds, models = fit_predict_folds(
             embeddings, rois, classifiers=knn, positive_label=POS, return_models=True
         )
@@ -1077,7 +1077,7 @@ ZHENG_CLASSES = ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil
 
 def _colour_histograms(manifest):
     """16-bin histogram of each RGB channel of every whole crop: a cheap stand-in encoder."""
-    from leukflow.io import read_image
+    from leukflow.data.io import read_image
 
     feats = []
     for root, path in zip(manifest["root"], manifest["path"], strict=True):
@@ -1089,7 +1089,7 @@ def _colour_histograms(manifest):
 
 @pytest.fixture(scope="module")
 def zheng(shared_data):
-    from leukflow.ingest import find_duplicates, ingest_datasets
+    from leukflow.data.ingest import find_duplicates, ingest_datasets
 
     spec = {"format": "zheng", "root": str(shared_data / "segmentation_WBC")}
     manifest, rejects = ingest_datasets({"zheng": spec}, min_size_px=32)
@@ -1099,7 +1099,7 @@ def zheng(shared_data):
 
 
 def _evaluate_zheng(zheng, label_map, classifiers, positive_label="lymphocyte"):
-    from leukflow.folds import assign_folds, label_rois
+    from leukflow.evaluate.folds import assign_folds, label_rois
 
     manifest, duplicates, x = zheng
     manifest = manifest.assign(label=manifest["label"].map(label_map))

@@ -1,11 +1,11 @@
-"""Tests of patient-grouped folds (leukflow.folds)."""
+"""Tests of patient-grouped folds (leukflow.evaluate.folds)."""
 
 import logging
 
 import pandas as pd
 import pytest
 
-from leukflow.folds import (
+from leukflow.evaluate.folds import (
     RARE_STRATUM,
     TRAIN_ONLY,
     LeakageError,
@@ -179,7 +179,7 @@ def test_duplicate_images_join_their_patients_into_one_fold():
 
 def test_random_protocol_splits_images_and_marks_leaky(caplog):
     manifest = _manifest(n_patients=20, per_patient=5)
-    with caplog.at_level(logging.WARNING, logger="leukflow.folds"):
+    with caplog.at_level(logging.WARNING, logger="leukflow.evaluate.folds"):
         folds = assign_folds(manifest, k=K, seed=0, protocol="random")
     assert "results are marked leaky=True" in caplog.text
     assert folds["leaky"].all()
@@ -237,7 +237,7 @@ def test_grouped_holdout_is_the_honest_twin():
 def test_holdout_fraction_is_checked_and_rare_labels_warn(caplog):
     with pytest.raises(ValueError, match=r"holdout_fraction must be 0 \(k-fold\)"):
         assign_folds(_manifest(), k=K, seed=0, holdout_fraction=0.7)
-    with caplog.at_level(logging.WARNING, logger="leukflow.folds"):
+    with caplog.at_level(logging.WARNING, logger="leukflow.evaluate.folds"):
         folds = assign_folds(_with_rare(1), k=K, seed=0, holdout_fraction=0.1)
     assert "'basophil' (1)" in caplog.text
     assert "fewer members than k=10" in caplog.text
@@ -278,7 +278,7 @@ def _with_rare(n_rare, per_patient=1):
 @pytest.mark.parametrize("protocol", ["grouped", "random"])
 def test_a_one_member_label_warns_and_does_not_crash(caplog, protocol):
     manifest = _with_rare(1)  # like zheng Dataset 1's single basophil
-    with caplog.at_level(logging.WARNING, logger="leukflow.folds"):
+    with caplog.at_level(logging.WARNING, logger="leukflow.evaluate.folds"):
         folds = assign_folds(manifest, k=K, seed=0, protocol=protocol)
     warning = [r for r in caplog.records if "fewer members than k=5" in r.message]
     assert len(warning) == 1
@@ -311,7 +311,7 @@ def test_rare_labels_are_stratified_together():
 
 def test_fold_strata_leaves_common_labels_alone(caplog):
     labels = pd.Series(["a"] * 10 + ["b"] * 10)
-    with caplog.at_level(logging.WARNING, logger="leukflow.folds"):
+    with caplog.at_level(logging.WARNING, logger="leukflow.evaluate.folds"):
         strata = fold_strata(labels, pd.Series(range(20)), k=5)
     assert strata.equals(labels)
     assert caplog.text == ""
@@ -331,7 +331,7 @@ def test_duplicates_across_datasets_join_groups_and_split_per_dataset():
 
 
 def test_a_changed_labelled_set_is_reported(tmp_path):
-    from leukflow.folds import compare_labelled_sets
+    from leukflow.evaluate.folds import compare_labelled_sets
 
     state = tmp_path / "cache" / "labelled_set.json"
     manifest = pd.DataFrame(

@@ -12,10 +12,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from leukflow import cache
-from leukflow.datasets import count_images, dataset_files
-from leukflow.demo import draw_demo_dataset
-from leukflow.io import sha256_file
+from leukflow.data import cache
+from leukflow.data.datasets import count_images, dataset_files
+from leukflow.data.demo import draw_demo_dataset
+from leukflow.data.io import sha256_file
 from leukflow.segment import SegmentParams, batch_of, segment_images, workers_for_memory
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,7 +89,7 @@ def test_cache_namespace_depends_on_params_and_code():
     a = cache.namespace("segment", {"x": 1}, cache.SEGMENT_SOURCES)
     assert a == cache.namespace("segment", {"x": 1}, cache.SEGMENT_SOURCES)
     assert a != cache.namespace("segment", {"x": 2}, cache.SEGMENT_SOURCES)
-    assert a != cache.namespace("segment", {"x": 1}, ("io.py",))
+    assert a != cache.namespace("segment", {"x": 1}, ("data/io.py",))
     assert a.startswith("segment/")
 
 

@@ -1,4 +1,4 @@
-"""Tests of ingest (leukflow.ingest): dataset folders -> manifest + rejects."""
+"""Tests of ingest (leukflow.data.ingest): dataset folders -> manifest + rejects."""
 
 import hashlib
 import io
@@ -10,9 +10,9 @@ import pytest
 from crafted import png_bomb
 from PIL import Image
 
-from leukflow.datasets import RECORD_COLUMNS, list_demo, list_folders
-from leukflow.ingest import MANIFEST_COLUMNS, REJECT_COLUMNS, ingest_datasets, ingest_images
-from leukflow.io import InvalidInputError
+from leukflow.data.datasets import RECORD_COLUMNS, list_demo, list_folders
+from leukflow.data.ingest import MANIFEST_COLUMNS, REJECT_COLUMNS, ingest_datasets, ingest_images
+from leukflow.data.io import InvalidInputError
 
 MIN_SIZE = 16
 
@@ -273,7 +273,7 @@ def test_image_without_patient_id_is_its_own_group(tmp_path):
 
 @pytest.mark.realdata
 def test_zheng_copied_image_is_found_as_exact_duplicate(shared_data):
-    from leukflow.ingest import find_duplicates
+    from leukflow.data.ingest import find_duplicates
 
     manifest, _ = ingest_datasets(
         {"zheng": {"format": "zheng", "root": str(shared_data / "segmentation_WBC")}},
@@ -288,7 +288,7 @@ def test_zheng_copied_image_is_found_as_exact_duplicate(shared_data):
 
 
 def test_find_duplicates_exact_near_and_distinct(tmp_path):
-    from leukflow.ingest import find_duplicates
+    from leukflow.data.ingest import find_duplicates
 
     rng = np.random.default_rng(0)
     base = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
@@ -356,7 +356,7 @@ def test_parallel_ingest_equals_serial(tmp_path):
 
 
 def test_count_summary_line():
-    from leukflow.ingest import count_summary
+    from leukflow.data.ingest import count_summary
 
     manifest = pd.DataFrame({"note": ["", "converted from P", ""]})
     rejects = pd.DataFrame({"reason": ["unreadable", "too_small", "unreadable"]})
@@ -367,7 +367,7 @@ def test_count_summary_line():
 
 
 def test_ingest_reads_measurements_of_known_content_from_the_cache(tmp_path, demo_root):
-    from leukflow.datasets import list_dataset
+    from leukflow.data.datasets import list_dataset
 
     root, _ = demo_root
     records, _ = list_dataset("demo", root)
@@ -388,7 +388,7 @@ def test_ingest_reads_measurements_of_known_content_from_the_cache(tmp_path, dem
 
 
 def test_twin_datasets_get_their_datasets_pairs_not_their_own_copies(tmp_path):
-    from leukflow.ingest import find_duplicates
+    from leukflow.data.ingest import find_duplicates
 
     rng = np.random.default_rng(1)
     base = (rng.random((48, 48, 3)) * 255).astype(np.uint8)

@@ -1,4 +1,4 @@
-"""Tests of file formats (leukflow.io): images, tables, crop and embedding stores."""
+"""Tests of file formats (leukflow.data.io): images, tables, crop and embedding stores."""
 
 import hashlib
 import io
@@ -11,7 +11,7 @@ import zarr
 from crafted import png_bomb
 from PIL import Image
 
-from leukflow.io import (
+from leukflow.data.io import (
     InvalidInputError,
     atomic_path,
     open_embeddings,
@@ -144,7 +144,7 @@ def test_read_image_truncated_file_is_unreadable(tmp_path, fmt):
 
 def test_read_image_too_large(tmp_path, monkeypatch):
     Image.fromarray(_rgb(10, 10)).save(tmp_path / "big.png")
-    monkeypatch.setattr("leukflow.io.MAX_IMAGE_PIXELS", 99)
+    monkeypatch.setattr("leukflow.data.io.MAX_IMAGE_PIXELS", 99)
     with pytest.raises(InvalidInputError, match="decompression bomb") as info:
         read_image(tmp_path / "big.png")
     assert info.value.reason == "too_large"

@@ -6,9 +6,9 @@ import torch
 import torchvision
 from torch import nn
 
-from leukflow.embed import embed_crops
-from leukflow.hog import hog_dim, hog_features
-from leukflow.models import (
+from leukflow.learn.embed import embed_crops
+from leukflow.learn.hog import hog_dim, hog_features
+from leukflow.learn.models import (
     ARCHITECTURES,
     KNOWN_ARCHS,
     Encoder,
@@ -19,8 +19,8 @@ from leukflow.models import (
     save_weights,
     to_tensor,
 )
-from leukflow.nets import SmallCNN, Xception
-from leukflow.train import train_encoder
+from leukflow.learn.nets import SmallCNN, Xception
+from leukflow.learn.train import train_encoder
 
 CPU = torch.device("cpu")
 

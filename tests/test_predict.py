@@ -11,8 +11,8 @@ import pytest
 from crafted import png_bomb
 from PIL import Image
 
-from leukflow.demo import draw_demo_dataset
-from leukflow.predict import (
+from leukflow.data.demo import draw_demo_dataset
+from leukflow.deploy.predict import (
     ModelMismatchError,
     draw_overlay,
     image_table_path,

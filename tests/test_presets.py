@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from leukflow.compare import compare_figures
-from leukflow.config import validate_config
+from leukflow.core.config import validate_config
+from leukflow.evaluate.compare import compare_figures
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted((REPO / "config" / "presets").glob("s*.yaml"))

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 import leukflow
-from leukflow.provenance import (
+from leukflow.core.provenance import (
     build_provenance,
     find_seeds,
     git_commit,

@@ -1,4 +1,4 @@
-"""Tests of segmentation QA (leukflow.qa, leukflow.segment.masks): exact on planted cells."""
+"""Tests of segmentation QA (leukflow.segment.qa, leukflow.segment.masks)."""
 
 import json
 
@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 from skimage.draw import disk
 
-from leukflow.qa import (
+from leukflow.segment import SegmentParams, dice, iou, score_mask, ssim, truth_masks
+from leukflow.segment.qa import (
     NO_TRUTH_NOTE,
     PER_IMAGE_COLUMNS,
     SUMMARY_COLUMNS,
@@ -20,7 +21,6 @@ from leukflow.qa import (
     score_segmentation,
     summarise_qa,
 )
-from leukflow.segment import SegmentParams, dice, iou, score_mask, ssim, truth_masks
 
 BG = (240, 230, 210)
 CYTOPLASM = (130, 95, 150)
@@ -255,7 +255,7 @@ def test_overlays_are_written_as_png(dataset, tmp_path, with_truth):
 
 
 def zheng_manifest(shared_data, part, every=1):
-    from leukflow.datasets import list_zheng
+    from leukflow.data.datasets import list_zheng
 
     root = shared_data / "segmentation_WBC" / part
     records, _ = list_zheng(root)

@@ -1,11 +1,11 @@
-"""Tests of the plots (leukflow.report): every kind is written, readable and shaped right."""
+"""Tests of the plots (leukflow.evaluate.plots)."""
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
-from leukflow.report import (
+from leukflow.evaluate.plots import (
     PLOTTERS,
     plot_calibration,
     plot_confusion,
@@ -89,7 +89,7 @@ def test_wbc_counts_needs_image_level(tmp_path):
 
 
 def test_training_curves_and_k_selection_curves_are_drawn(tmp_path):
-    from leukflow.report import plot_history, plot_k_scores
+    from leukflow.evaluate.plots import plot_history, plot_k_scores
 
     history = pd.DataFrame({"epoch": [1, 2, 3], "loss": [0.9, 0.6, 0.4],
                             "accuracy": [0.5, 0.7, 0.8], "val_loss": [1.0, 0.8, 0.7],

@@ -736,7 +736,7 @@ def test_cnmc_like_cell_on_black_is_not_too_dark():
 
 
 def test_segment_to_store_streams_the_same_crops_as_segment_images(tmp_path):
-    from leukflow.io import read_crops
+    from leukflow.data.io import read_crops
     from leukflow.segment import segment_to_store
 
     rng = np.random.default_rng(5)
@@ -765,7 +765,7 @@ def test_segment_to_store_streams_the_same_crops_as_segment_images(tmp_path):
 
 
 def test_crop_store_writer_leaves_nothing_when_aborted(tmp_path):
-    from leukflow.io import CropStoreWriter
+    from leukflow.data.io import CropStoreWriter
 
     def killed_mid_write():
         with CropStoreWriter(tmp_path / "crops.zarr", 8, {}) as writer:
@@ -778,7 +778,7 @@ def test_crop_store_writer_leaves_nothing_when_aborted(tmp_path):
 
 
 def test_segment_params_from_the_validated_config():
-    from leukflow.config import validate_config
+    from leukflow.core.config import validate_config
 
     cfg = validate_config({}, check_paths=False)["segmentation"]
     params = SegmentParams.from_mapping(cfg)

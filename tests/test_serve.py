@@ -14,8 +14,8 @@ from browser import assert_not_blank, screenshot
 from crafted import png_bomb
 from PIL import Image
 
-from leukflow.predict import load_predictor
-from leukflow.serve import UploadError, check_upload, create_app
+from leukflow.deploy.predict import load_predictor
+from leukflow.deploy.serve import UploadError, check_upload, create_app
 
 
 def png_bytes(width: int, height: int, colour=(230, 200, 200)) -> bytes:

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from leukflow.io import open_embeddings
+from leukflow.data.io import open_embeddings
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "slurm"

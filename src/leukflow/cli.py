@@ -10,8 +10,8 @@ from leukflow import __version__
 
 
 def _demo_data(args: argparse.Namespace) -> int:
-    from leukflow.demo import draw_demo_dataset
-    from leukflow.runlog import start_log
+    from leukflow.core.runlog import start_log
+    from leukflow.data.demo import draw_demo_dataset
 
     log = start_log("demo_data", params=vars(args) | {"func": None})
     labels = draw_demo_dataset(
@@ -67,7 +67,7 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_predictor(args: argparse.Namespace):
-    from leukflow.predict import load_predictor
+    from leukflow.deploy.predict import load_predictor
 
     predictor = load_predictor(
         args.model,
@@ -84,7 +84,7 @@ def _load_predictor(args: argparse.Namespace):
 def _predict(args: argparse.Namespace) -> int:
     import logging
 
-    from leukflow.predict import image_table_path, predict_paths
+    from leukflow.deploy.predict import image_table_path, predict_paths
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -108,7 +108,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    from leukflow.serve import create_app, serve
+    from leukflow.deploy.serve import create_app, serve
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -2,7 +2,7 @@
 
 import math
 
-from leukflow.datasets import count_images, dataset_files
+from leukflow.data.datasets import count_images, dataset_files
 
 RESULTS = config["results_dir"]
 DEMO_DATASETS = {n: d for n, d in config["datasets"].items() if d["format"] == "demo"}

@@ -3,7 +3,7 @@
 # makes re-runs segment only new or edited images. QA of the segmentation
 # against the masks and annotations a dataset brings.
 
-from leukflow.config import ConfigError
+from leukflow.core.config import ConfigError
 
 _KMEANS = config["segmentation"]["kmeans"]
 if _KMEANS["k_min"] > _KMEANS["k_max"]:

@@ -2,9 +2,9 @@
 
 import pandas as pd
 
-from leukflow.folds import assign_folds, compare_labelled_sets
-from leukflow.io import read_table, write_table
-from leukflow.runlog import start_log
+from leukflow.core.runlog import start_log
+from leukflow.data.io import read_table, write_table
+from leukflow.evaluate.folds import assign_folds, compare_labelled_sets
 
 log = start_log("assign_folds", snakemake.log[0], dict(snakemake.params))
 manifest = read_table(snakemake.input.manifest)

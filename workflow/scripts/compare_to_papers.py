@@ -1,8 +1,8 @@
 """Rule compare_to_papers: the papers' figures beside leukflow's leaky and grouped ones."""
 
-from leukflow.compare import compare_figures, plot_comparison
-from leukflow.io import read_table, write_table
-from leukflow.runlog import start_log
+from leukflow.core.runlog import start_log
+from leukflow.data.io import read_table, write_table
+from leukflow.evaluate.compare import compare_figures, plot_comparison
 
 p = snakemake.params
 log = start_log("compare_to_papers", snakemake.log[0], dict(p))

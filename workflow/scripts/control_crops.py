@@ -2,9 +2,9 @@
 
 import zarr
 
-from leukflow.controls import iter_control_crops
-from leukflow.io import CropStoreWriter, read_table, write_table
-from leukflow.runlog import start_log
+from leukflow.core.runlog import start_log
+from leukflow.data.io import CropStoreWriter, read_table, write_table
+from leukflow.evaluate.controls import iter_control_crops
 
 p, out = snakemake.params, snakemake.output
 log = start_log("control_crops", snakemake.log[0], dict(p))

@@ -1,7 +1,7 @@
 """Rule draw_demo_data: draw the built-in synthetic smear dataset."""
 
-from leukflow.demo import draw_demo_dataset
-from leukflow.runlog import start_log
+from leukflow.core.runlog import start_log
+from leukflow.data.demo import draw_demo_dataset
 
 log = start_log("draw_demo_data", snakemake.log[0], dict(snakemake.params))
 labels = draw_demo_dataset(

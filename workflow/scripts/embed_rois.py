@@ -3,10 +3,10 @@
 import torch
 
 import leukflow
-from leukflow.embed import embed_rois
-from leukflow.io import read_table, write_table
-from leukflow.models import pick_device
-from leukflow.runlog import start_log
+from leukflow.core.runlog import start_log
+from leukflow.data.io import read_table, write_table
+from leukflow.learn.embed import embed_rois
+from leukflow.learn.models import pick_device
 from leukflow.segment import SegmentParams, cache_space
 
 device = pick_device()

@@ -2,11 +2,11 @@
 
 from pathlib import Path
 
-from leukflow.evaluate import evaluate_embeddings, save_model
-from leukflow.folds import label_rois
-from leukflow.io import embeddings_attrs, fold_embeddings, read_table, write_table
-from leukflow.report import PLOTTERS
-from leukflow.runlog import start_log
+from leukflow.core.runlog import start_log
+from leukflow.data.io import embeddings_attrs, fold_embeddings, read_table, write_table
+from leukflow.evaluate.classify import evaluate_embeddings, save_model
+from leukflow.evaluate.folds import label_rois
+from leukflow.evaluate.plots import PLOTTERS
 
 p, out = snakemake.params, snakemake.output
 dataset, encoder = snakemake.wildcards.dataset, snakemake.wildcards.encoder

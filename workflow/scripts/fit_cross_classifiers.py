@@ -1,9 +1,9 @@
 """Rule fit_cross_classifiers: classifiers fitted on one dataset, scored on another."""
 
-from leukflow.cross import evaluate_cross, shared_images
-from leukflow.folds import label_rois
-from leukflow.io import open_embeddings, read_table, write_table
-from leukflow.runlog import start_log
+from leukflow.core.runlog import start_log
+from leukflow.data.io import open_embeddings, read_table, write_table
+from leukflow.evaluate.cross import evaluate_cross, shared_images
+from leukflow.evaluate.folds import label_rois
 
 p, out, wc = snakemake.params, snakemake.output, snakemake.wildcards
 log = start_log("fit_cross_classifiers", snakemake.log[0], dict(p))

@@ -1,8 +1,8 @@
 """Rule ingest_images: dataset folders -> manifest.parquet, rejects.csv, duplicates.csv."""
 
-from leukflow.ingest import find_duplicates, ingest_datasets
-from leukflow.io import write_table
-from leukflow.runlog import start_log
+from leukflow.core.runlog import start_log
+from leukflow.data.ingest import find_duplicates, ingest_datasets
+from leukflow.data.io import write_table
 
 log = start_log(
     "ingest_images", snakemake.log[0], {**snakemake.params, "threads": snakemake.threads}

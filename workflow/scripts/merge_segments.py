@@ -3,9 +3,9 @@
 import pandas as pd
 import zarr
 
-from leukflow.io import CropStoreWriter, read_table, write_table
-from leukflow.report import plot_k_scores
-from leukflow.runlog import start_log
+from leukflow.core.runlog import start_log
+from leukflow.data.io import CropStoreWriter, read_table, write_table
+from leukflow.evaluate.plots import plot_k_scores
 from leukflow.segment import summarise_k_scores
 
 log = start_log("merge_segments", snakemake.log[0])

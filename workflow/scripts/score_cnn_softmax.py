@@ -1,10 +1,10 @@
 """Rule score_cnn_softmax: each fold's encoder head (its softmax) scored as a classifier."""
 
-from leukflow.evaluate import CNN_SOFTMAX, head_predictions, score_predictions
-from leukflow.folds import label_rois
-from leukflow.io import embeddings_attrs, open_probabilities, read_table, write_table
-from leukflow.report import PLOTTERS
-from leukflow.runlog import start_log
+from leukflow.core.runlog import start_log
+from leukflow.data.io import embeddings_attrs, open_probabilities, read_table, write_table
+from leukflow.evaluate.classify import CNN_SOFTMAX, head_predictions, score_predictions
+from leukflow.evaluate.folds import label_rois
+from leukflow.evaluate.plots import PLOTTERS
 
 p, out = snakemake.params, snakemake.output
 dataset, encoder = snakemake.wildcards.dataset, snakemake.wildcards.encoder

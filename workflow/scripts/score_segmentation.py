@@ -2,10 +2,10 @@
 
 from dataclasses import replace
 
-from leukflow.io import read_table, write_table
-from leukflow.qa import plot_overlays, score_segmentation, summarise_qa
-from leukflow.runlog import start_log
+from leukflow.core.runlog import start_log
+from leukflow.data.io import read_table, write_table
 from leukflow.segment import SegmentParams
+from leukflow.segment.qa import plot_overlays, score_segmentation, summarise_qa
 
 cfg, methods = snakemake.params.segmentation, snakemake.params.methods
 dataset = snakemake.wildcards.dataset

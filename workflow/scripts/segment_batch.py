@@ -7,8 +7,8 @@ arrive segments only those.
 
 from pathlib import Path
 
-from leukflow.io import read_table, write_table
-from leukflow.runlog import start_log
+from leukflow.core.runlog import start_log
+from leukflow.data.io import read_table, write_table
 from leukflow.segment import SegmentParams, batch_of, segment_to_store, workers_for_memory
 
 cfg, p, wc = snakemake.params.segmentation, snakemake.params, snakemake.wildcards

@@ -2,9 +2,9 @@
 
 import pandas as pd
 
-from leukflow.cross import plot_cross_matrix, summarise_cross
-from leukflow.io import read_table, write_table
-from leukflow.runlog import start_log
+from leukflow.core.runlog import start_log
+from leukflow.data.io import read_table, write_table
+from leukflow.evaluate.cross import plot_cross_matrix, summarise_cross
 
 log = start_log("summarise_cross_dataset", snakemake.log[0], {})
 metrics = pd.concat([read_table(path) for path in snakemake.input.metrics], ignore_index=True)

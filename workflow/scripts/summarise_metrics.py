@@ -2,8 +2,8 @@
 
 import pandas as pd
 
-from leukflow.io import read_table, write_table
-from leukflow.runlog import start_log
+from leukflow.core.runlog import start_log
+from leukflow.data.io import read_table, write_table
 
 log = start_log(snakemake.rule, snakemake.log[0])
 for name in ("metrics", "metrics_per_class"):

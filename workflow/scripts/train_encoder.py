@@ -2,12 +2,12 @@
 
 import torch
 
-from leukflow.folds import label_rois
-from leukflow.io import read_crops, read_table, write_table
-from leukflow.models import pick_device, save_checkpoint
-from leukflow.report import plot_history
-from leukflow.runlog import start_log
-from leukflow.train import train_fold
+from leukflow.core.runlog import start_log
+from leukflow.data.io import read_crops, read_table, write_table
+from leukflow.evaluate.folds import label_rois
+from leukflow.evaluate.plots import plot_history
+from leukflow.learn.models import pick_device, save_checkpoint
+from leukflow.learn.train import train_fold
 
 enc = snakemake.params.encoder
 # fold_<k>; all: an encoder shared by every fold; whole: trained on every ROI for

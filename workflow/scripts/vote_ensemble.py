@@ -1,9 +1,9 @@
 """Rule vote_ensemble: a soft or majority vote over models' ROI predictions, scored."""
 
-from leukflow.evaluate import score_predictions, vote_predictions
-from leukflow.io import read_table, write_table
-from leukflow.report import PLOTTERS
-from leukflow.runlog import start_log
+from leukflow.core.runlog import start_log
+from leukflow.data.io import read_table, write_table
+from leukflow.evaluate.classify import score_predictions, vote_predictions
+from leukflow.evaluate.plots import PLOTTERS
 
 p, out = snakemake.params, snakemake.output
 dataset, ensemble = snakemake.wildcards.dataset, snakemake.wildcards.ensemble

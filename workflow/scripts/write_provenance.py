@@ -1,8 +1,8 @@
 """Rule write_provenance: what produced this result folder -> provenance.json."""
 
-from leukflow.io import read_table
-from leukflow.provenance import build_provenance, write_provenance
-from leukflow.runlog import start_log
+from leukflow.core.provenance import build_provenance, write_provenance
+from leukflow.core.runlog import start_log
+from leukflow.data.io import read_table
 
 log = start_log("write_provenance", snakemake.log[0])
 provenance = build_provenance(

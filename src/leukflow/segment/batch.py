@@ -14,9 +14,9 @@ import dask
 import numpy as np
 import pandas as pd
 
-from leukflow import cache
-from leukflow.io import CropStoreWriter, InvalidInputError, read_image, sha256_file
-from leukflow.parallel import single_threaded_worker
+from leukflow.core.parallel import single_threaded_worker
+from leukflow.data import cache
+from leukflow.data.io import CropStoreWriter, InvalidInputError, read_image, sha256_file
 from leukflow.segment.masks import truth_masks
 from leukflow.segment.rois import (
     IMAGE_COLUMNS,
@@ -184,10 +184,10 @@ def iter_segmented(
 
     dask computes the chunks in waves of ``8 * n_workers`` tasks on one
     process pool, so at most one wave of results is in memory: a caller that
-    writes each chunk to disk (:class:`leukflow.io.CropStoreWriter`) keeps
+    writes each chunk to disk (:class:`leukflow.data.io.CropStoreWriter`) keeps
     memory flat in the number of images. With ``cache_dir`` and the images'
     ``image_sha256``, a field segmented before with the same parameters and
-    code is read from :mod:`leukflow.cache` instead; the ``images`` tables of
+    code is read from :mod:`leukflow.data.cache` instead; the ``images`` tables of
     the chunks then carry a ``cached`` column.
     """
     n = len(paths)
@@ -250,7 +250,7 @@ def segment_images(
         Images per task.
     image_sha256 : sequence of str, optional
         Content hash of each image (the manifest's ``sha256``); with
-        ``cache_dir``, keys of the per-image cache (:mod:`leukflow.cache`).
+        ``cache_dir``, keys of the per-image cache (:mod:`leukflow.data.cache`).
     cache_dir : str or Path, optional
         Where segmentations are cached; ``None`` computes every field.
 

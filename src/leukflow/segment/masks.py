@@ -1,6 +1,6 @@
 """Expert masks and how well a segmentation matches them (Dice, IoU, SSIM).
 
-Two mask conventions are read, both as RGB arrays (:func:`leukflow.io.read_image`):
+Two mask conventions are read, both as RGB arrays (:func:`leukflow.data.io.read_image`):
 
 - grey (R = G = B), as segmentation_WBC (Zheng 2018): 0 background (red cells
   included), 128 cytoplasm, 255 nucleus. Stray grey values go to the nearest of

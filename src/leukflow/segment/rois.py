@@ -35,7 +35,7 @@ ROI_COLUMNS = [
 ]  # fmt: skip
 #: One row per image of ``segment/<dataset>/images.parquet``.
 IMAGE_COLUMNS = ["image_id", "n_rois", "reason", "note", "scale", "k"]
-#: Why an image gave no ROI (besides the read errors of :func:`leukflow.io.read_image`).
+#: Why an image gave no ROI (besides the read errors of :func:`leukflow.data.io.read_image`).
 NO_ROI_REASONS = ("too_dark", "saturated", "blank", "no_cell")
 
 #: Field checks, on a block-averaged, lightly smoothed grey thumbnail: ``too_dark``

@@ -1,7 +1,7 @@
 """Networks that torchvision lacks: an Xception-like net (S3) and S2's small CNN.
 
 Both end in ``fc`` (a ``Linear`` classifier) after a flat feature vector, as
-torchvision's ResNets do, so that :mod:`leukflow.models` treats them alike.
+torchvision's ResNets do, so that :mod:`leukflow.learn.models` treats them alike.
 """
 
 from __future__ import annotations

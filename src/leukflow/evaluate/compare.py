@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from leukflow.io import atomic_path
+from leukflow.data.io import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,8 @@
 An :class:`Encoder` is a backbone that maps ``(B, 3, S, S)`` images to a flat
 ``(B, dim)`` embedding, followed by a linear classification ``head``. The
 backbones are torchvision's (ResNet, VGG, DenseNet, MobileNet, Inception v3)
-and leukflow's own (:mod:`leukflow.nets`: Xception-like, S2's small CNN);
-``hog`` (:mod:`leukflow.hog`) is a fixed feature extractor with no network.
+and leukflow's own (:mod:`leukflow.learn.nets`: Xception-like, S2's small CNN);
+``hog`` (:mod:`leukflow.learn.hog`) is a fixed feature extractor with no network.
 
 Weights are ``"none"`` (from scratch), the path of a local state-dict file, or
 ``"torchvision"``: the file torchvision would download, taken from the torch
@@ -27,8 +27,8 @@ import torchvision
 from torch import nn
 from torch.nn import functional as F
 
-from leukflow.io import atomic_path
-from leukflow.nets import SmallCNN, Xception
+from leukflow.data.io import atomic_path
+from leukflow.learn.nets import SmallCNN, Xception
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ def build_encoder(
     """
     check_arch(arch, input_size_px)
     if arch not in ARCHITECTURES:
-        raise ValueError(f"build_encoder: {arch} is not a network (see leukflow.hog)")
+        raise ValueError(f"build_encoder: {arch} is not a network (see leukflow.learn.hog)")
     spec = ARCHITECTURES[arch]
     path = resolve_weights(arch, weights)
     net = spec.factory(input_size_px, path is not None)

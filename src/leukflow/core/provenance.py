@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 
 import leukflow
-from leukflow.io import atomic_path
+from leukflow.data.io import atomic_path
 
 PROVENANCE_FILE = "provenance.json"
 

@@ -4,7 +4,7 @@ Every candidate file ends in exactly one of the two tables: the manifest (image
 id, dataset, path, sha256, label, patient, width, height, mask path,
 annotations) or the rejects (path, reason code, message). Nothing vanishes
 silently. How each dataset is laid out and labelled is the business of its
-adapter in :mod:`leukflow.datasets` (:data:`LISTERS`).
+adapter in :mod:`leukflow.data.datasets` (:data:`LISTERS`).
 """
 
 from __future__ import annotations
@@ -19,15 +19,15 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from leukflow import cache
-from leukflow.datasets import (
+from leukflow.core.parallel import parallel_map
+from leukflow.data import cache
+from leukflow.data.datasets import (
     NO_ANNOTATIONS,
     RECORD_COLUMNS,
     image_folder,
     list_dataset,
 )
-from leukflow.io import InvalidInputError, read_image, read_image_noted, sha256_file
-from leukflow.parallel import parallel_map
+from leukflow.data.io import InvalidInputError, read_image, read_image_noted, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ MANIFEST_DTYPES = {
 }
 REJECT_COLUMNS = ["dataset", "path", "reason", "message"]
 
-#: Cache folder of ingest's per-image measurements (see :mod:`leukflow.cache`).
+#: Cache folder of ingest's per-image measurements (see :mod:`leukflow.data.cache`).
 INGEST_CACHE = cache.namespace("ingest", {}, cache.INGEST_SOURCES)
 
 #: Keys of a dataset spec that only the demo drawing uses; ingest ignores them.
@@ -64,7 +64,7 @@ def inspect_image(
     min_size_px : int
         Images narrower or lower than this are rejected as ``too_small``.
     cache_dir : str or Path, optional
-        Per-image cache (:mod:`leukflow.cache`): an image whose file hash was
+        Per-image cache (:mod:`leukflow.data.cache`): an image whose file hash was
         measured before is not decoded again.
 
     Returns
@@ -77,7 +77,7 @@ def inspect_image(
     Raises
     ------
     InvalidInputError
-        For an unusable image or mask (see :func:`leukflow.io.read_image`),
+        For an unusable image or mask (see :func:`leukflow.data.io.read_image`),
         ``too_small`` or ``mask_size_mismatch``.
     """
     try:
@@ -136,7 +136,7 @@ def ingest_images(
     records : pandas.DataFrame
         Columns ``path`` (relative to ``root``), ``label``, ``patient``, and
         optionally ``mask_path`` (relative to ``root``; empty for none) and
-        ``annotations`` (JSON text), as :mod:`leukflow.datasets` listers return.
+        ``annotations`` (JSON text), as :mod:`leukflow.data.datasets` listers return.
     dataset : str
         Dataset name, the prefix of every image id.
     root : str or Path
@@ -236,7 +236,7 @@ def ingest_datasets(
     datasets : mapping
         Dataset name -> ``{"format": ..., "root": ...}`` plus the optional
         dataset options ``masks``, ``label`` and ``label_map`` (see
-        :func:`leukflow.datasets.list_dataset`). The demo-only keys
+        :func:`leukflow.data.datasets.list_dataset`). The demo-only keys
         ``n_fields``, ``fields_per_patient`` and ``seed`` are ignored, so a
         validated config entry can be passed as it is.
     min_size_px, n_workers, cache_dir

@@ -41,9 +41,9 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from leukflow.hog import hog_dim
-from leukflow.io import atomic_path, sha256_file
-from leukflow.models import (
+from leukflow.data.io import atomic_path, sha256_file
+from leukflow.learn.hog import hog_dim
+from leukflow.learn.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Encoder,
@@ -297,7 +297,7 @@ def train_encoder(
     labels : sequence of str
         One label per crop.
     arch, weights : str
-        See :func:`leukflow.models.build_encoder`; ``arch="hog"`` has nothing
+        See :func:`leukflow.learn.models.build_encoder`; ``arch="hog"`` has nothing
         to train and returns its parameters.
     epochs, batch_size : int
         Most epochs (early stopping may end sooner) and mini-batch size.
@@ -324,7 +324,7 @@ def train_encoder(
         Epochs without a lower validation loss before stopping (0: never stop);
         the weights of the best epoch are kept.
     device : torch.device, optional
-        Defaults to :func:`leukflow.models.pick_device`.
+        Defaults to :func:`leukflow.learn.models.pick_device`.
     resume_dir : str or Path, optional
         Where the state after each epoch is kept (removed once training ends);
         a training of the same crops and settings resumes from it.

@@ -41,8 +41,8 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
-from leukflow.folds import check_no_leakage
-from leukflow.io import InvalidInputError, atomic_path
+from leukflow.data.io import InvalidInputError, atomic_path
+from leukflow.evaluate.folds import check_no_leakage
 
 log = logging.getLogger(__name__)
 
@@ -1019,14 +1019,14 @@ def evaluate_embeddings(
     """Fit, predict and score every classifier on one dataset's fold embeddings.
 
     Checks the folds for leakage before any fit (a grouped split with a
-    patient or group on both sides raises :class:`leukflow.folds.LeakageError`).
+    patient or group on both sides raises :class:`leukflow.evaluate.folds.LeakageError`).
 
     Parameters
     ----------
     embeddings : mapping of int to numpy.ndarray
         See :func:`fit_predict_folds`.
     rois : pandas.DataFrame
-        ``roi_id, image_id, label, fold`` (see :func:`leukflow.folds.label_rois`).
+        ``roi_id, image_id, label, fold`` (see :func:`leukflow.evaluate.folds.label_rois`).
     folds : pandas.DataFrame
         The dataset's rows of folds.csv: ``image_id, patient, group, label,
         fold, leaky``.

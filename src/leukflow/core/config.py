@@ -15,9 +15,9 @@ from typing import Any
 import jsonschema
 import yaml
 
-from leukflow.datasets import IMAGE_SUFFIXES
+from leukflow.data.datasets import IMAGE_SUFFIXES
 
-SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
+SCHEMA_PATH = Path(__file__).resolve().parents[3] / "workflow" / "schemas" / "config.schema.yaml"
 
 
 class ConfigError(ValueError):

@@ -37,11 +37,11 @@ import leukflow
 log = logging.getLogger(__name__)
 
 #: Sources whose code decides segmentation results (relative to the package).
-SEGMENT_SOURCES = ("segment/methods.py", "segment/rois.py", "segment/masks.py", "io.py")
+SEGMENT_SOURCES = ("segment/methods.py", "segment/rois.py", "segment/masks.py", "data/io.py")
 #: Sources whose code decides ingest's measurements.
-INGEST_SOURCES = ("ingest.py", "io.py")
+INGEST_SOURCES = ("data/ingest.py", "data/io.py")
 #: Sources whose code decides a frozen encoder's embeddings of given crops.
-EMBED_SOURCES = ("embed.py", "models.py", "nets.py", "hog.py")
+EMBED_SOURCES = ("learn/embed.py", "learn/models.py", "learn/nets.py", "learn/hog.py")
 
 
 @cache

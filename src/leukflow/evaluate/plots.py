@@ -2,8 +2,8 @@
 
 Every plot function takes the same arguments: ``levels`` (level name ->
 predictions of one classifier, pooled over the test folds: ``roi`` from
-:func:`leukflow.evaluate.fit_predict_folds`, ``image`` from
-:func:`leukflow.evaluate.aggregate_images`), a ``title``, the
+:func:`leukflow.evaluate.classify.fit_predict_folds`, ``image`` from
+:func:`leukflow.evaluate.classify.aggregate_images`), a ``title``, the
 ``positive_label`` and the PNG ``path``; :data:`PLOTTERS` maps each kind of
 plot to its function.
 """
@@ -23,7 +23,7 @@ import pandas as pd
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import ConfusionMatrixDisplay, roc_auc_score, roc_curve
 
-from leukflow.io import atomic_path
+from leukflow.data.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -273,7 +273,7 @@ PLOTTERS: dict[str, Callable[..., None]] = {
 def plot_history(history: pd.DataFrame, *, title: str, path: str | Path) -> None:
     """Training curves of one encoder: loss and accuracy per epoch, train and validation.
 
-    ``history`` has :data:`leukflow.train.HISTORY_COLUMNS`; an encoder that was
+    ``history`` has :data:`leukflow.learn.train.HISTORY_COLUMNS`; an encoder that was
     not trained (``frozen``, ``hog``) has no rows and gets a figure saying so.
     """
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))

@@ -35,8 +35,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from leukflow.io import atomic_path, read_image
-from leukflow.parallel import parallel_map
+from leukflow.core.parallel import parallel_map
+from leukflow.data.io import atomic_path, read_image
 from leukflow.segment import (
     FieldSegmentation,
     SegmentParams,

@@ -3,8 +3,8 @@
 Upload a smear field or a single-cell image; the page shows the segmented
 cells outlined on the image, each cell's class and probability, the
 image-level call, and offers the per-cell CSV. The models are loaded once
-(:func:`leukflow.predict.load_predictor`) and every upload goes through
-:func:`leukflow.predict.predict_images`, exactly as ``leukflow predict`` does.
+(:func:`leukflow.deploy.predict.load_predictor`) and every upload goes through
+:func:`leukflow.deploy.predict.predict_images`, exactly as ``leukflow predict`` does.
 
 Uploads are limited in bytes, type (PNG, JPEG, TIFF, BMP, checked by content
 and not only by name) and pixels; a bad file gets the upload page back with a
@@ -30,8 +30,8 @@ from flask import Flask, Response, abort, redirect, render_template_string, requ
 from PIL import Image
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from leukflow.io import InvalidInputError, open_image, read_image
-from leukflow.predict import IMAGE_SUFFIXES, Predictor, draw_overlay, predict_images
+from leukflow.data.io import InvalidInputError, open_image, read_image
+from leukflow.deploy.predict import IMAGE_SUFFIXES, Predictor, draw_overlay, predict_images
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def create_app(
     Parameters
     ----------
     predictor : Predictor
-        From :func:`leukflow.predict.load_predictor`.
+        From :func:`leukflow.deploy.predict.load_predictor`.
     max_upload_mb : float
         Largest request accepted (413 above).
     max_pixels : int

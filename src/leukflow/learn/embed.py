@@ -18,10 +18,10 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, Dataset
 
-from leukflow import cache
-from leukflow.hog import hog_features
-from leukflow.io import EmbeddingStoreWriter, sha256_file
-from leukflow.models import (
+from leukflow.data import cache
+from leukflow.data.io import EmbeddingStoreWriter, sha256_file
+from leukflow.learn.hog import hog_features
+from leukflow.learn.models import (
     Encoder,
     encoder_from_checkpoint,
     load_checkpoint,
@@ -94,7 +94,7 @@ def iter_embeddings(
     num_workers : int
         DataLoader processes that read and decode the crops.
     device : torch.device, optional
-        Defaults to :func:`~leukflow.models.pick_device`.
+        Defaults to :func:`~leukflow.learn.models.pick_device`.
     with_probs : bool
         Also return the head's softmax probabilities.
 
@@ -229,7 +229,7 @@ def _frozen_embeddings(
 
     ``roi_keys`` names each ROI's source (its image's content hash and the
     segmentation that cut it); ROIs of one image are consecutive. Images seen
-    before with the same encoder are read from :mod:`leukflow.cache`; the rest
+    before with the same encoder are read from :mod:`leukflow.data.cache`; the rest
     are embedded and stored there.
     """
     space = cache.namespace("embed", {"model": model_digest(ckpt)}, cache.EMBED_SOURCES)
@@ -282,7 +282,7 @@ def embed_rois(
         ``(n_rois, S, S, 3)`` uint8 crops or a crop store path.
     store : str or Path
         The embedding store (``.zarr``), written atomically by one
-        :class:`~leukflow.io.EmbeddingStoreWriter`.
+        :class:`~leukflow.data.io.EmbeddingStoreWriter`.
     leukflow_version : str
         Recorded in the attributes.
     batch_size, num_workers, device
@@ -290,7 +290,7 @@ def embed_rois(
     roi_keys : sequence of str, optional
         Per ROI, a key of its source image (content hash and segmentation);
         with ``cache_dir``, a frozen encoder's embeddings are cached per image
-        (:mod:`leukflow.cache`), so new images cost only themselves.
+        (:mod:`leukflow.data.cache`), so new images cost only themselves.
     cache_dir : str or Path, optional
         The per-image cache.
 
@@ -303,7 +303,7 @@ def embed_rois(
         ``train_roi_ids_sha256``; when the encoder has a trained head,
         ``probs/<stem>`` holds its ``(n_rois, n_classes)`` softmax, columns in
         the order of its ``classes`` attribute (see
-        :func:`leukflow.io.open_probabilities`).
+        :func:`leukflow.data.io.open_probabilities`).
     """
     loaded = [(Path(p).stem, load_checkpoint(p), sha256_file(p)) for p in checkpoints]
     if not loaded:

@@ -15,7 +15,7 @@ files. ``lister(root, **options)`` returns two tables:
     ``unreadable`` for an image whose annotation file cannot be parsed.
 
 Listers only read names and label/annotation files; opening, hashing and
-measuring the images (and checking mask sizes) is :mod:`leukflow.ingest`'s job.
+measuring the images (and checking mask sizes) is :mod:`leukflow.data.ingest`'s job.
 :func:`list_dataset` runs a lister and then the dataset's ``label_map``.
 """
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from leukflow.io import InvalidInputError, read_voc_boxes
+from leukflow.data.io import InvalidInputError, read_voc_boxes
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ A results folder holds everything needed: ``provenance.json`` (the resolved
 config the run used), one encoder checkpoint per fold
 (``train/<dataset>/<encoder>/fold_<k>.pt``) and one fitted classifier per fold
 (``evaluate/<dataset>/<encoder>/models/<classifier>_fold_<k>.skops``, read
-with :func:`leukflow.evaluate.load_model`, which refuses non-scikit-learn
+with :func:`leukflow.evaluate.classify.load_model`, which refuses non-scikit-learn
 types). :func:`load_predictor` checks that these files agree with each other
 and with the config before anything is predicted.
 
@@ -14,7 +14,7 @@ ROI's class probabilities are the **mean of the folds' probabilities** (a
 fold whose classifier never saw a label gives it probability 0). The ROI's
 call is the label of highest mean probability. Image-level calls aggregate
 the ROIs exactly as the run did (``evaluation.image_aggregation``, see
-:func:`leukflow.evaluate.aggregate_images`); an image without ROIs is called
+:func:`leukflow.evaluate.classify.aggregate_images`); an image without ROIs is called
 negative.
 
 Images are processed in chunks of ``segmentation.chunk_size``, so memory does
@@ -38,9 +38,9 @@ from PIL import Image, ImageDraw, ImageFont
 from sklearn.pipeline import Pipeline
 from tqdm.auto import tqdm
 
-from leukflow.evaluate import NO_ROI, PROBA_PREFIX, aggregate_images, load_model
-from leukflow.io import InvalidInputError, atomic_path, read_image, sha256_file
-from leukflow.provenance import read_provenance
+from leukflow.core.provenance import read_provenance
+from leukflow.data.io import InvalidInputError, atomic_path, read_image, sha256_file
+from leukflow.evaluate.classify import NO_ROI, PROBA_PREFIX, aggregate_images, load_model
 from leukflow.segment import SegmentParams, field_rois, segment_field
 
 log = logging.getLogger(__name__)
@@ -165,8 +165,8 @@ def _fold_encoder(
     dim : int
         The embedding dimension.
     """
-    from leukflow.embed import embed_crops
-    from leukflow.models import encoder_from_checkpoint, load_checkpoint
+    from leukflow.learn.embed import embed_crops
+    from leukflow.learn.models import encoder_from_checkpoint, load_checkpoint
 
     checkpoint = load_checkpoint(path)
     meta = {k: v for k, v in checkpoint.items() if k != "state_dict"}
@@ -324,7 +324,7 @@ def _embedding_attrs(path: Path) -> dict[str, dict]:
     """Per-array attributes of the run's embedding store ({} when it is absent)."""
     if not path.is_dir():
         return {}
-    from leukflow.io import open_embeddings
+    from leukflow.data.io import open_embeddings
 
     return {name: dict(arr.attrs) for name, arr in open_embeddings(path).items()}
 
@@ -429,7 +429,7 @@ def predict_images(
     images : iterable of (str, array or path)
         Name and either an ``(H, W, 3)`` uint8 array or an image file. A file
         that cannot be read gives a prediction with ``status`` ``error`` and
-        the reason (:class:`leukflow.io.InvalidInputError` codes).
+        the reason (:class:`leukflow.data.io.InvalidInputError` codes).
     chunk_size : int
         Images whose crops go through the encoders together.
 

@@ -1,0 +1,1 @@
+"""Shared plumbing: the config and its schema, provenance, run logs, parallel map."""

@@ -1,0 +1,1 @@
+"""Data: dataset listers, ingest, file formats, the per-image cache and the demo set."""

@@ -1,0 +1,1 @@
+"""Deploy: predict on new images and the local review page."""

@@ -1,0 +1,1 @@
+"""Evaluate: folds, classifiers, metrics, controls, the cross-dataset matrix, plots."""

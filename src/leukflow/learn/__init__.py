@@ -1,0 +1,1 @@
+"""Learn: the networks, encoder training, embedding and HOG features."""
