@@ -1,6 +1,6 @@
 # leukflow: `make demo` runs the pipeline on the built-in demo data,
 # `make test` runs the linters and the whole test suite (what CI runs),
-# `make test-fast` the linters and the tests that start no workflow run.
+# `make test-fast` the linters and the tests without end-to-end workflow runs.
 # All set up .venv first. `make rulegraph` redraws docs/rulegraph.svg.
 
 PYTHON ?= python3
