@@ -1,5 +1,7 @@
 # leukflow: `make demo` runs the pipeline on the built-in demo data,
-# `make test` runs the linters and the test suite. Both set up .venv first.
+# `make test` runs the linters and the whole test suite (what CI runs),
+# `make test-fast` the linters and the tests without end-to-end workflow runs.
+# All set up .venv first. `make rulegraph` redraws docs/rulegraph.svg.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -8,7 +10,7 @@ CORES  ?= 2
 # The demo's config: the defaults in config/config.yaml.
 SNAKEMAKE := $(BIN)/snakemake --cores $(CORES) --printshellcmds --show-failed-logs
 
-.PHONY: demo test lint setup clean install-slurm-profile
+.PHONY: demo test test-fast lint rulegraph setup clean install-slurm-profile
 
 setup: $(VENV)/.installed
 
@@ -33,6 +35,17 @@ lint: $(VENV)/.installed
 
 test: lint
 	$(BIN)/python -m pytest
+
+# The edit loop: no end-to-end workflow runs, no real-data or SLURM tests.
+test-fast: lint
+	$(BIN)/python -m pytest -m "not e2e and not realdata and not slurm"
+
+# The stages as a picture: every rule (docs/rulegraph.yaml switches all of them
+# on); needs graphviz's `dot`. Nothing runs: --rulegraph only builds the graph.
+rulegraph: $(VENV)/.installed
+	$(BIN)/snakemake --rulegraph --configfile docs/rulegraph.yaml > docs/rulegraph.dot
+	dot -Tsvg docs/rulegraph.dot -o docs/rulegraph.svg
+	rm -f docs/rulegraph.dot
 
 # `snakemake --profile slurm` looks in ~/.config/snakemake/slurm: link it there.
 install-slurm-profile:
