@@ -218,6 +218,7 @@ def test_folders_dataset_accounts_for_every_file(tmp_path, caplog):
     assert closing.endswith("; ignored 3 other files: .txt 2, .db 1"), closing
 
 
+@pytest.mark.realdata
 def test_real_datasets_ignore_only_files_their_adapters_do_not_read(shared_data):
     from leukflow.data.datasets import ignored_files, list_dataset
 
@@ -316,6 +317,7 @@ def fuzz_files(shared_data, tmp_path_factory):
     return root
 
 
+@pytest.mark.realdata
 def test_fuzzed_real_images_through_ingest(fuzz_files):
     manifest, rejects = ingest_datasets(
         {"fuzz": {"format": "folders", "root": str(fuzz_files)}}, min_size_px=MIN_SIZE
@@ -330,6 +332,7 @@ def test_fuzzed_real_images_through_ingest(fuzz_files):
     assert renamed <= set(manifest["path"])
 
 
+@pytest.mark.realdata
 def test_fuzzed_real_images_through_predict(fuzz_files, tiny_predictor):
     from leukflow.deploy.predict import iter_image_paths, predict_images
 
@@ -489,3 +492,46 @@ def test_serve_answers_503_with_retry_after_when_all_decoding_slots_are_busy(tin
     assert busy.headers["Retry-After"] == "1"
     assert "busy" in busy.text
     assert first["r"].status_code == 303
+
+
+# ----------------------------------------------------- results folders
+
+
+def test_provenance_names_cannot_climb_out_of_the_results_folder(tmp_path):
+    import json
+
+    from leukflow.core.provenance import read_provenance
+    from leukflow.deploy.predict import load_predictor
+
+    config = {"datasets": {"../../elsewhere": {}}, "encoders": {"resnet18": {}},
+              "classifiers": {"knn": {}}}  # fmt: skip
+    (tmp_path / "provenance.json").write_text(json.dumps({"config": config}))
+    with pytest.raises(InvalidInputError, match=r"provenance\.json: datasets names") as info:
+        load_predictor(tmp_path)
+    assert info.value.reason == "bad_provenance"
+    (tmp_path / "provenance.json").write_text("{not json")
+    with pytest.raises(InvalidInputError, match="not a JSON file") as info:
+        read_provenance(tmp_path)
+    assert info.value.reason == "unreadable"
+
+
+def test_a_crafted_checkpoint_runs_nothing_and_is_unreadable(tmp_path):
+    import pickle
+
+    from leukflow.learn.models import load_checkpoint
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    path = tmp_path / "fold_0.pt"
+    path.write_bytes(pickle.dumps({"arch": "resnet18", "state_dict": Payload()}))
+    with pytest.raises(InvalidInputError, match=r"fold_0\.pt: not a leukflow checkpoint") as info:
+        load_checkpoint(path)
+    assert info.value.reason == "unreadable"
+    assert not marker.exists()
+    (tmp_path / "cut.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(InvalidInputError, match=r"cut\.pt"):
+        load_checkpoint(tmp_path / "cut.pt")

@@ -26,7 +26,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import quote
 
 import numpy as np
@@ -134,13 +134,14 @@ class UploadError(ValueError):
         self.status = status
 
 
-def check_upload(data: bytes, filename: str, *, max_pixels: int) -> None:
+def check_upload(data: bytes | BinaryIO, filename: str, *, max_pixels: int) -> None:
     """Refuse an upload by type or pixel count before it is decoded.
 
     Parameters
     ----------
-    data : bytes
-        The file's content.
+    data : bytes or seekable binary file object
+        The file's content; a file object is read for its header only and
+        left at its start.
     filename : str
         Its name, as sent.
     max_pixels : int
@@ -153,7 +154,11 @@ def check_upload(data: bytes, filename: str, *, max_pixels: int) -> None:
         too many pixels.
     """
     suffix = Path(filename).suffix.lower()
-    if not data:
+    stream = io.BytesIO(data) if isinstance(data, bytes) else data
+    stream.seek(0, io.SEEK_END)
+    empty = stream.tell() == 0
+    stream.seek(0)
+    if empty:
         raise UploadError(400, f"{filename or 'the upload'}: the file is empty")
     if suffix not in IMAGE_SUFFIXES:
         raise UploadError(
@@ -162,11 +167,26 @@ def check_upload(data: bytes, filename: str, *, max_pixels: int) -> None:
             f"got {suffix or 'a name without suffix'}",
         )
     try:
-        with open_image(io.BytesIO(data), name=filename, max_pixels=max_pixels):
+        with open_image(_Borrowed(stream), name=filename, max_pixels=max_pixels):
             pass  # the header only: format, size, bomb
     except InvalidInputError as err:
         status = {"too_large": 413, "unsupported_format": 415}.get(err.reason, 400)
         raise UploadError(status, str(err)) from err
+    finally:
+        stream.seek(0)
+
+
+class _Borrowed:
+    """A file object that Pillow may close without closing the upload beneath it."""
+
+    def __init__(self, stream: BinaryIO):
+        self._stream = stream
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def close(self) -> None:
+        """Leave the upload open: it is read again once a decoding slot is free."""
 
 
 def create_app(
@@ -232,9 +252,8 @@ def create_app(
         file = request.files.get("image")
         if file is None or not file.filename:
             return page(error="No file was uploaded: choose an image first.", status=400)
-        data = file.read()
-        try:
-            check_upload(data, file.filename, max_pixels=max_pixels)
+        try:  # the header only, from the spooled upload: a bad file is refused at once
+            check_upload(file.stream, file.filename, max_pixels=max_pixels)
         except UploadError as err:
             log.info("refused %s: %s", file.filename, err)
             return page(error=str(err), status=err.status)
@@ -247,13 +266,13 @@ def create_app(
             )
             response.headers["Retry-After"] = str(retry_after_s)
             return response
-        try:
+        try:  # the bytes come into memory only once a slot is free
+            data = file.stream.read()
             review = _analyse(predictor, data, file.filename, lock)
         except UploadError as err:
             log.info("refused %s: %s", file.filename, err)
             return page(error=str(err), status=err.status)
         finally:
-            del data
             slots.release()
         token = secrets.token_urlsafe(12)
         with lock:
