@@ -302,15 +302,15 @@ def count_summary(
 ) -> str:
     """One line for the end of ingest.
 
-    ``kept N, rejected M by reason (...), converted K ...``, then, when some
+    ``kept N, rejected M by reason (...), noted K ...``, then, when some
     files under the datasets are neither images nor files their adapters read,
     ``; ignored 3 other files: .txt 2, .db 1``: every file is accounted for.
     """
     reasons = ", ".join(f"{r}: {n}" for r, n in rejects["reason"].value_counts().items())
-    converted = int((manifest["note"] != "").sum())
+    noted = int((manifest["note"] != "").sum())
     line = (
         f"kept {len(manifest)}, rejected {len(rejects)} by reason ({reasons or 'none'}), "
-        f"converted {converted} to 8-bit RGB (see the note column)"
+        f"noted {noted} (conversions to 8-bit RGB, TIFF pages, links out: see the note column)"
     )
     if ignored:
         by_suffix = ", ".join(f"{s} {n}" for s, n in ignored.items())

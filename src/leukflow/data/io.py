@@ -383,8 +383,9 @@ def _to_rgb8(im: Image.Image, name: str) -> tuple[np.ndarray, str]:
             np.repeat(grey[..., None], 3, axis=2),
             f"converted from {im.mode} ({kind}, {lo:g}..{hi:g} scaled to 0..255)",
         )
-    rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    return rgb, "" if im.mode == "RGB" else f"converted from {im.mode}"
+    if im.mode == "RGB":  # no converted copy: a large field is held once less
+        return np.asarray(im, dtype=np.uint8), ""
+    return np.asarray(im.convert("RGB"), dtype=np.uint8), f"converted from {im.mode}"
 
 
 def write_image(rgb: np.ndarray, path: str | Path) -> None:
