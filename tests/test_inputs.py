@@ -260,6 +260,10 @@ def test_symlink_out_of_a_folders_dataset_is_kept_and_noted(tmp_path):
     assert notes["ALL/a.png"] == ""
     assert notes["ALL/b.png"] == f"symlink to {outside.resolve()}, outside the dataset folder"
     assert rejects.empty
+    from leukflow.data.datasets import ignored_files
+
+    os.symlink(outside.parent, root / "linked")  # a linked folder is counted, not lost
+    assert ignored_files("folders", root, set(manifest["path"])) == {"(linked folder)": 1}
 
 
 # --------------------------------------------------------------------- fuzz

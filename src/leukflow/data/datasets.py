@@ -648,7 +648,8 @@ def ignored_files(
     -------
     dict
         Suffix (lower case; ``(none)`` for a name without one) -> number of files,
-        most frequent first.
+        most frequent first; ``(linked folder)`` counts symlinked folders, whose
+        files no lister walks.
     """
     folder = image_folder(fmt, root)
     used = set(accounted)
@@ -658,6 +659,10 @@ def ignored_files(
     counts: dict[str, int] = {}
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
+        # the listers do not descend into linked folders: each is counted, not lost
+        linked = sum(os.path.islink(os.path.join(dirpath, d)) for d in dirnames)
+        if linked:
+            counts["(linked folder)"] = counts.get("(linked folder)", 0) + linked
         for f in filenames:
             full = Path(dirpath) / f
             rel = full.relative_to(folder).as_posix()
