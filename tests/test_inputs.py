@@ -148,6 +148,11 @@ def test_multi_page_tiff_uses_page_one_and_says_so(tmp_path):
     rgb, note = read_image_noted(path)
     assert np.array_equal(rgb, first)
     assert note == "page 1 of 3"
+    animated = tmp_path / "animated.png"
+    Image.fromarray(first).save(animated, save_all=True, append_images=[Image.fromarray(second)])
+    rgb, note = read_image_noted(animated)
+    assert np.array_equal(rgb, first)
+    assert note == "frame 1 of 2"
 
 
 def test_48_bit_rgb_tiff_is_scaled_to_8_bits_and_noted(tmp_path):

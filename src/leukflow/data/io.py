@@ -210,9 +210,9 @@ def decode_image(
         mode = im.mode
         with _decode_errors(name):
             n_frames = getattr(im, "n_frames", 1)
-            if n_frames > 1:  # a multi-page TIFF: its first page, said so
+            if n_frames > 1:  # a multi-page TIFF or animated PNG: the first, said so
                 im.seek(0)
-                notes.append(f"page 1 of {n_frames}")
+                notes.append(f"{'page' if im.format == 'TIFF' else 'frame'} 1 of {n_frames}")
             im.load()
             bits = _bits_per_sample(im)
         try:
@@ -221,7 +221,8 @@ def decode_image(
             raise
         except Exception as err:  # any conversion failure is a reason code
             raise InvalidInputError(
-                "unsupported_mode", f"{name}: cannot convert mode {mode} to RGB ({err})"
+                "unsupported_mode",
+                f"{name}: cannot convert mode {mode} to RGB ({_clean(err, name)})",
             ) from err
         if mode == "RGB" and bits > 8:
             # Pillow unpacks 16-bit RGB to its high byte: a scaling by 1/256, never a wrap
