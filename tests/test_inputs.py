@@ -423,13 +423,9 @@ def _png_bytes(rgb: np.ndarray) -> bytes:
 def test_serve_csv_download_for_any_file_name(tiny_predictor):
     from urllib.parse import unquote
 
-    from leukflow.deploy.serve import content_disposition as serve_header
     from leukflow.deploy.serve import create_app
 
     client = create_app(tiny_predictor).test_client()
-    assert serve_header('say "hi".png') == (
-        "attachment; filename=\"say _hi__cells.csv\"; filename*=UTF-8''say%20%22hi%22_cells.csv"
-    )
     for name in ("血液_fält.png", "it's; ü.png", "=HYPERLINK(1).png"):
         posted = client.post("/upload", data={"image": (io.BytesIO(_png_bytes(_rgb())), name)})
         assert posted.status_code == 303, posted.text
@@ -441,6 +437,11 @@ def test_serve_csv_download_for_any_file_name(tiny_predictor):
         assert unquote(encoded) == Path(name).stem + "_cells.csv"
         first_cells = [line.split(",")[0] for line in csv.text.splitlines()[1:]]
         assert not any(c.startswith(("=", "+", "-", "@")) for c in first_cells), first_cells
+    from leukflow.deploy.serve import content_disposition
+
+    assert content_disposition('say "hi".png') == (
+        "attachment; filename=\"say _hi__cells.csv\"; filename*=UTF-8''say%20%22hi%22_cells.csv"
+    )
 
 
 def test_serve_errors_show_no_object_reprs(tiny_predictor):
@@ -456,14 +457,14 @@ def test_serve_errors_show_no_object_reprs(tiny_predictor):
 
 
 def test_serve_keeps_overlays_of_at_most_two_megapixels(tiny_predictor):
-    from leukflow.deploy.serve import KEPT_OVERLAY_PIXELS, create_app
+    from leukflow.deploy.serve import create_app
 
     client = create_app(tiny_predictor).test_client()
     big = np.full((1500, 2000, 3), 235, np.uint8)  # 3 MP
     posted = client.post("/upload", data={"image": (io.BytesIO(_png_bytes(big)), "big.png")})
     assert posted.status_code == 303
     overlay = Image.open(io.BytesIO(client.get(posted.headers["Location"] + "/overlay.png").data))
-    assert overlay.width * overlay.height <= KEPT_OVERLAY_PIXELS
+    assert overlay.width * overlay.height <= 2_000_000
     assert abs(overlay.width / overlay.height - 2000 / 1500) < 0.01
 
 
