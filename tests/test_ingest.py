@@ -362,7 +362,10 @@ def test_count_summary_line():
     rejects = pd.DataFrame({"reason": ["unreadable", "too_small", "unreadable"]})
     assert count_summary(manifest, rejects) == (
         "kept 3, rejected 3 by reason (unreadable: 2, too_small: 1), "
-        "converted 1 to 8-bit RGB (see the note column)"
+        "noted 1 (conversions to 8-bit RGB, TIFF pages, links out: see the note column)"
+    )
+    assert count_summary(manifest, rejects, ignored={".txt": 2, ".db": 1}).endswith(
+        "see the note column); ignored 3 other files: .txt 2, .db 1"
     )
 
 

@@ -41,7 +41,7 @@ def test_check_upload_refuses_by_content_type_and_pixels():
     gif = io.BytesIO()
     Image.new("RGB", (8, 8)).save(gif, format="GIF")
     with pytest.raises(
-        UploadError, match="expected one of PNG, JPEG, TIFF, BMP; got a GIF"
+        UploadError, match=r"renamed\.png: a GIF image; expected one of PNG, JPEG, TIFF, BMP"
     ) as err:
         check_upload(gif.getvalue(), "renamed.png", max_pixels=10**6)
     assert err.value.status == 415
@@ -140,7 +140,9 @@ def test_serve_over_http_outlines_the_cells_and_offers_the_csv(server, e2e_run, 
     assert "Image call: <b>" in page.text
     csv = requests.get(f"{page.url}.csv", timeout=10)
     assert csv.status_code == 200
-    assert csv.headers["Content-Disposition"] == 'attachment; filename="field_001_cells.csv"'
+    assert csv.headers["Content-Disposition"] == (
+        "attachment; filename=\"field_001_cells.csv\"; filename*=UTF-8''field_001_cells.csv"
+    )
     cells = pd.read_csv(io.StringIO(csv.text))
     rois = pd.read_parquet(work / "out" / "rois.parquet")
     assert len(cells) == (rois["image_id"] == "demo/images/field_001").sum() > 0

@@ -114,8 +114,9 @@ def _serve(args: argparse.Namespace) -> int:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     app = create_app(
-        _load_predictor(args), max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels
-    )
+        _load_predictor(args), max_upload_mb=args.max_upload_mb, max_pixels=args.max_pixels,
+        max_decoding=args.max_decoding,
+    )  # fmt: skip
     serve(app, host=args.host, port=args.port)
     return 0
 
@@ -171,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     review.add_argument(
         "--max-pixels", type=int, default=40_000_000,
         help="largest image in pixels (default 40,000,000)",
+    )  # fmt: skip
+    review.add_argument(
+        "--max-decoding", type=int, default=2,
+        help="uploads decoded at once; others wait a few seconds, then get 503 (default 2)",
     )  # fmt: skip
     review.set_defaults(func=_serve)
     return parser

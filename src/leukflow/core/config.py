@@ -15,7 +15,7 @@ from typing import Any
 import jsonschema
 import yaml
 
-from leukflow.data.datasets import IMAGE_SUFFIXES
+from leukflow.data.io import IMAGE_SUFFIXES
 
 SCHEMA_PATH = Path(__file__).resolve().parents[3] / "workflow" / "schemas" / "config.schema.yaml"
 

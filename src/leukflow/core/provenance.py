@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 import subprocess
 from collections.abc import Mapping
 from importlib import metadata
@@ -25,9 +26,13 @@ from typing import Any
 import pandas as pd
 
 import leukflow
-from leukflow.data.io import atomic_path
+from leukflow.data.io import InvalidInputError, atomic_path
 
 PROVENANCE_FILE = "provenance.json"
+#: What the config schema allows as a dataset, encoder or classifier name. A
+#: results folder made by someone else is untrusted: these names become path
+#: parts under it, so one that could climb out (``../x``) is refused on reading.
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 PACKAGES = [
     "numpy",
@@ -116,11 +121,35 @@ def write_provenance(provenance: Mapping[str, Any], path: str | Path) -> None:
 
 
 def read_provenance(results_dir: str | Path) -> dict[str, Any]:
-    """Read the provenance of a result folder; a clear error when it has none."""
+    """Read the provenance of a result folder; a clear error when it has none.
+
+    Raises
+    ------
+    FileNotFoundError
+        The folder has no ``provenance.json``.
+    InvalidInputError
+        ``unreadable`` for a file that is not JSON; ``bad_provenance`` when a
+        dataset, encoder or classifier name is not a plain name
+        (:data:`SAFE_NAME`), as a crafted file's could be.
+    """
     path = Path(results_dir) / PROVENANCE_FILE
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: no provenance file; is {results_dir} a leukflow results folder "
             "from a finished run?"
         )
-    return json.loads(path.read_text())
+    try:
+        provenance = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as err:
+        raise InvalidInputError("unreadable", f"{path}: not a JSON file ({err})") from err
+    config = provenance.get("config") if isinstance(provenance, dict) else None
+    for section in ("datasets", "encoders", "classifiers"):
+        names = config.get(section) if isinstance(config, dict) else None
+        bad = [str(n) for n in (names or {}) if not SAFE_NAME.fullmatch(str(n))]
+        if bad:
+            raise InvalidInputError(
+                "bad_provenance",
+                f"{path}: {section} names {bad} are not plain names (letters, digits, "
+                "_ and -); they would name paths outside the results folder",
+            )
+    return provenance

@@ -11,7 +11,8 @@ files. ``lister(root, **options)`` returns two tables:
 ``rejects``
     One row per image file it must refuse (``path``, ``reason``, ``message``):
     ``missing_label`` for an image that its dataset does not label,
-    ``outside_root`` for a manifest row pointing outside the manifest's folder,
+    ``outside_root`` for a path read from a file (a ``manifest`` CSV, the demo's
+    ``labels.csv``) that points outside the dataset's folder,
     ``unreadable`` for an image whose annotation file cannot be parsed.
 
 Listers only read names and label/annotation files; opening, hashing and
@@ -30,11 +31,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from leukflow.data.io import InvalidInputError, read_voc_boxes
+from leukflow.data.io import InvalidInputError, is_image_candidate, read_voc_boxes
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+#: Stems (lower case, before any suffix) of a dataset's own documents: README,
+#: licence, citation. They belong to the dataset; ingest does not count them as ignored.
+DOCUMENT_STEMS = ("readme", "license", "licence", "copying", "citation", "notice")
 
 RECORD_COLUMNS = ["path", "label", "patient", "mask_path", "annotations"]
 LIST_REJECT_COLUMNS = ["path", "reason", "message"]
@@ -75,9 +78,7 @@ def _image_files(folder: Path, exclude: Callable[[Path], bool] | None = None) ->
     return sorted(
         p
         for p in folder.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in IMAGE_SUFFIXES
-        and not (exclude is not None and exclude(p))
+        if p.is_file() and is_image_candidate(p) and not (exclude is not None and exclude(p))
     )
 
 
@@ -221,19 +222,36 @@ def list_demo(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     records : pandas.DataFrame
         :data:`RECORD_COLUMNS`; ``path`` relative to ``root``.
     rejects : pandas.DataFrame
-        Image files under ``root`` that ``labels.csv`` does not list (``missing_label``).
+        Image files under ``root`` that ``labels.csv`` does not list
+        (``missing_label``), and rows whose image resolves outside ``root``
+        (``outside_root``: ``..``, an absolute path elsewhere, a symlink out).
     """
     root = Path(root)
-    labels = pd.read_csv(root / "labels.csv", dtype=str)
+    csv = root / "labels.csv"
+    labels = pd.read_csv(csv, dtype=str)
     missing = {"image", "label", "patient"} - set(labels.columns)
     if missing:
-        raise InvalidInputError(
-            "bad_label_table", f"{root / 'labels.csv'}: missing columns {sorted(missing)}"
-        )
-    records = labels.rename(columns={"image": "path"})[["path", "label", "patient"]].assign(
-        mask_path="", annotations=NO_ANNOTATIONS
-    )
-    return records, _unlisted(root, set(records["path"].dropna()))
+        raise InvalidInputError("bad_label_table", f"{csv}: missing columns {sorted(missing)}")
+    rows, bad = [], []
+    for rec in labels.itertuples(index=False):
+        if pd.isna(rec.image) or not str(rec.image).strip():
+            rows.append(_row(rec.image, rec.label, patient=rec.patient))  # ingest: missing_file
+            continue
+        rel = _inside(root, str(rec.image).strip())
+        if rel is None:
+            bad.append(_outside(csv, rec.image, root))
+            continue
+        rows.append(_row(rel, rec.label, patient=rec.patient))
+    return _finish(root, rows, bad)
+
+
+def _outside(table: Path, path: object, base: Path, what: str = "image") -> dict[str, str]:
+    return {
+        "path": str(path),
+        "reason": "outside_root",
+        "message": f"{table}: {what} {str(path)!r} resolves outside the dataset's folder "
+        f"{str(base)!r}",
+    }
 
 
 def list_folders(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -521,15 +539,8 @@ def list_manifest(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         if rel is not None and not pd.isna(rec.mask) and str(rec.mask).strip():
             mask_rel = _inside(base, str(rec.mask).strip())
         if rel is None or mask_rel is None:
-            what = "image" if rel is None else f"mask {rec.mask!r} of image"
-            bad.append(
-                {
-                    "path": str(rec.path),
-                    "reason": "outside_root",
-                    "message": f"{csv}: {what} {rec.path!r} resolves outside the manifest's "
-                    f"folder {str(base)!r}",
-                }
-            )
+            what = "image" if rel is None else f"mask {str(rec.mask)!r} of image"
+            bad.append(_outside(csv, rec.path, base, what))
             continue
         masks.add(mask_rel)
         rows.append(_row(rel, rec.label, patient=rec.patient, mask_path=mask_rel))
@@ -585,7 +596,83 @@ def dataset_files(spec: Mapping[str, object]) -> list[str]:
 
 def count_images(files: Iterable[str]) -> int:
     """How many of ``files`` have an image suffix (an upper bound on a dataset's images)."""
-    return sum(Path(f).suffix.lower() in IMAGE_SUFFIXES for f in files)
+    return sum(is_image_candidate(f) for f in files)
+
+
+def is_dataset_document(rel: str) -> bool:
+    """Whether a file is one of a dataset's own documents (README, licence...)."""
+    stem = Path(rel).name.lower().split(".")[0]
+    return stem.startswith(DOCUMENT_STEMS)
+
+
+def adapter_uses(fmt: str, rel: str) -> bool:
+    """Whether the adapter of format ``fmt`` reads the file ``rel`` (relative to the image folder).
+
+    Label tables, annotation and mask files and the dataset's own documents;
+    ingest counts every other non-image file as ignored, so none passes unseen.
+    """
+    path = Path(rel)
+    name, suffix = path.name, path.suffix.lower()
+    if is_dataset_document(rel):
+        return True
+    uses: dict[str, Callable[[], bool]] = {
+        "demo": lambda: rel == "labels.csv",
+        "allidb1": lambda: suffix == ".xyc",
+        "bccd": lambda: path.parts[:1] == ("Annotations",) and suffix == ".xml",
+        "zheng": lambda: (
+            re.fullmatch(r"Class Labels of Dataset \d+\.csv", name) is not None
+            or (suffix == ".png" and ZHENG_FOLDER.fullmatch(path.parent.name) is not None)
+        ),
+    }
+    check = uses.get(fmt)
+    return bool(check and check())
+
+
+def ignored_files(
+    fmt: str, root: str | Path, accounted: Collection[str], *, masks: str | Path | None = None
+) -> dict[str, int]:
+    """Count, by suffix, the files under a dataset that nothing used: no image, no adapter file.
+
+    Parameters
+    ----------
+    fmt : str
+        The dataset's format.
+    root : str or Path
+        The dataset's ``root`` (for ``manifest``: the CSV file).
+    accounted : collection of str
+        Paths relative to the image folder that ingest kept or rejected, and their masks.
+    masks : str or Path, optional
+        ``allidb2``'s mask folder; its files are the adapter's.
+
+    Returns
+    -------
+    dict
+        Suffix (lower case; ``(none)`` for a name without one) -> number of files,
+        most frequent first; ``(linked folder)`` counts symlinked folders, whose
+        files no lister walks.
+    """
+    folder = image_folder(fmt, root)
+    used = set(accounted)
+    if fmt == "manifest":
+        used.add(Path(root).name)
+    masks_real = Path(masks).resolve() if masks else None
+    counts: dict[str, int] = {}
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        # the listers do not descend into linked folders: each is counted, not lost
+        linked = sum(os.path.islink(os.path.join(dirpath, d)) for d in dirnames)
+        if linked:
+            counts["(linked folder)"] = counts.get("(linked folder)", 0) + linked
+        for f in filenames:
+            full = Path(dirpath) / f
+            rel = full.relative_to(folder).as_posix()
+            if rel in used or adapter_uses(fmt, rel):
+                continue
+            if masks_real is not None and full.resolve().is_relative_to(masks_real):
+                continue
+            suffix = full.suffix.lower() or "(none)"
+            counts[suffix] = counts.get(suffix, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def apply_label_map(

@@ -24,6 +24,7 @@ from leukflow.data import cache
 from leukflow.data.datasets import (
     NO_ANNOTATIONS,
     RECORD_COLUMNS,
+    ignored_files,
     image_folder,
     list_dataset,
 )
@@ -184,12 +185,19 @@ def ingest_images(
         for rec in listed
     ]
     ok = []
+    real_root = root.resolve()
     inspected = parallel_map(_inspect_or_reason, tasks, n_workers, desc=f"ingest {dataset}")
     for rec, found in zip(listed, inspected, strict=True):
         if "reason" in found:
             log.warning("rejected: %s", found["message"])
             bad.append({"path": rec.path, **found})
             continue
+        target = (root / rec.path).resolve()
+        if not target.is_relative_to(real_root):
+            # a folder's symlink out is the user's own choice: kept, never silently
+            outside = f"symlink to {target}, outside the dataset folder"
+            found = {**found, "note": "; ".join(n for n in (found["note"], outside) if n)}
+            log.warning("%s: %s", root / rec.path, outside)
         ok.append(
             {
                 "image_id": f"{dataset}/{Path(rec.path).with_suffix('').as_posix()}",
@@ -250,6 +258,7 @@ def ingest_datasets(
         is relative to.
     """
     manifests, rejects = [], []
+    ignored: dict[str, int] = {}
     for name, spec in datasets.items():
         unknown = set(spec) - {"format", "root"} - OPTION_KEYS - DEMO_ONLY_KEYS
         if unknown:
@@ -266,6 +275,14 @@ def ingest_datasets(
         )  # fmt: skip
         manifests.append(manifest)
         rejects += [bad, listed_bad.assign(dataset=name)[REJECT_COLUMNS]]
+        accounted = {
+            *manifest["path"], *manifest["mask_path"], *bad["path"].astype(str),
+            *listed_bad["path"].astype(str),
+        }  # fmt: skip
+        for suffix, n in ignored_files(
+            spec["format"], spec["root"], accounted, masks=spec.get("masks")
+        ).items():
+            ignored[suffix] = ignored.get(suffix, 0) + n
         if manifest["image_id"].duplicated().any():
             dup = manifest.loc[manifest["image_id"].duplicated(), "path"].tolist()[:5]
             raise InvalidInputError(
@@ -276,18 +293,29 @@ def ingest_datasets(
         )
     rejected = pd.concat([r for r in rejects if len(r)] or [rejects[0]], ignore_index=True)
     manifest = pd.concat(manifests, ignore_index=True)
-    log.info("%s", count_summary(manifest, rejected))
+    log.info("%s", count_summary(manifest, rejected, ignored=ignored))
     return manifest, rejected
 
 
-def count_summary(manifest: pd.DataFrame, rejects: pd.DataFrame) -> str:
-    """One line for the end of ingest: ``kept N, rejected M by reason (...), converted K``."""
+def count_summary(
+    manifest: pd.DataFrame, rejects: pd.DataFrame, *, ignored: Mapping[str, int] | None = None
+) -> str:
+    """One line for the end of ingest.
+
+    ``kept N, rejected M by reason (...), noted K ...``, then, when some
+    files under the datasets are neither images nor files their adapters read,
+    ``; ignored 3 other files: .txt 2, .db 1``: every file is accounted for.
+    """
     reasons = ", ".join(f"{r}: {n}" for r, n in rejects["reason"].value_counts().items())
-    converted = int((manifest["note"] != "").sum())
-    return (
+    noted = int((manifest["note"] != "").sum())
+    line = (
         f"kept {len(manifest)}, rejected {len(rejects)} by reason ({reasons or 'none'}), "
-        f"converted {converted} to 8-bit RGB (see the note column)"
+        f"noted {noted} (conversions to 8-bit RGB, TIFF pages, links out: see the note column)"
     )
+    if ignored:
+        by_suffix = ", ".join(f"{s} {n}" for s, n in ignored.items())
+        line += f"; ignored {sum(ignored.values())} other files: {by_suffix}"
+    return line
 
 
 DUPLICATE_COLUMNS = ["image_id_a", "image_id_b", "kind", "distance"]

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -111,16 +112,46 @@ def sha256_file(path: str | Path, block_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+#: Image formats leukflow decodes: Pillow format name -> the file suffixes that name it.
+#: Ingest (the dataset listers), ``leukflow predict`` and ``leukflow serve`` share this
+#: list, and the decoder is held to it (``Image.open(..., formats=...)``): a file of
+#: another format under an accepted name is ``unsupported_format``, never handed to
+#: whatever decoder Pillow finds. GIF is refused on purpose: it keeps at most 256
+#: colours, so the stain colours the classifiers learn from would already be altered.
+IMAGE_FORMATS: dict[str, tuple[str, ...]] = {
+    "PNG": (".png",),
+    "JPEG": (".jpg", ".jpeg"),
+    "TIFF": (".tif", ".tiff"),
+    "BMP": (".bmp",),
+}
+#: Suffixes of the accepted formats (lower case).
+IMAGE_SUFFIXES = frozenset(s for suffixes in IMAGE_FORMATS.values() for s in suffixes)
+#: Suffixes of image formats leukflow refuses. A file with one is still an image
+#: candidate, so it ends as a rejected image (``unsupported_format``), never skipped.
+REFUSED_IMAGE_SUFFIXES = frozenset(
+    (".gif", ".webp", ".avif", ".heic", ".heif", ".jp2", ".j2k", ".jpx", ".jxl", ".ico",
+     ".psd", ".tga", ".pcx", ".ppm", ".pgm", ".pbm", ".pnm", ".dib", ".jfif", ".jpe", ".svs",
+     ".ndpi", ".czi", ".dcm")
+)  # fmt: skip
+#: Every suffix that makes a file an image candidate (accepted or refused).
+CANDIDATE_SUFFIXES = IMAGE_SUFFIXES | REFUSED_IMAGE_SUFFIXES
+
+
+def is_image_candidate(path: str | Path) -> bool:
+    """Whether a file's suffix names an image, of an accepted format or not."""
+    return Path(path).suffix.lower() in CANDIDATE_SUFFIXES
+
+
 def read_image(path: str | Path) -> np.ndarray:
     """Read an image file as an RGB array.
 
-    Grey, palette, RGBA, CMYK and 16-bit images are converted to 8-bit RGB
-    (alpha is dropped); :func:`read_image_noted` also says so.
+    Grey, palette, RGBA, CMYK, 16-bit, 48-bit and float images are converted to
+    8-bit RGB (alpha is dropped); :func:`read_image_noted` also says so.
 
     Parameters
     ----------
     path : str or Path
-        Image file in any format Pillow reads.
+        Image file of a format in :data:`IMAGE_FORMATS`.
 
     Returns
     -------
@@ -131,7 +162,7 @@ def read_image(path: str | Path) -> np.ndarray:
     ------
     InvalidInputError
         With reason ``missing_file``, ``empty_file``, ``not_an_image``,
-        ``too_large``, ``unreadable`` or ``unsupported_mode``.
+        ``unsupported_format``, ``too_large``, ``unreadable`` or ``unsupported_mode``.
     """
     return read_image_noted(path)[0]
 
@@ -144,31 +175,77 @@ def read_image_noted(path: str | Path) -> tuple[np.ndarray, str]:
     rgb : numpy.ndarray
         ``(H, W, 3)`` uint8 RGB array.
     note : str
-        ``""`` for 8-bit RGB files, else e.g. ``"converted from I;16"``.
+        ``""`` for single-page 8-bit RGB files, else what was done, e.g.
+        ``"converted from I;16"`` or ``"page 1 of 3"`` (``; ``-separated).
     """
     path = Path(path)
     if not path.is_file():
         raise InvalidInputError("missing_file", f"{path}: no such file")
     if path.stat().st_size == 0:
         raise InvalidInputError("empty_file", f"{path}: file is empty (0 bytes)")
-    with open_image(path, name=str(path)) as im:
+    return decode_image(path, name=str(path))
+
+
+def decode_image(
+    source: str | Path | BinaryIO, *, name: str, max_pixels: int | None = None
+) -> tuple[np.ndarray, str]:
+    """Decode an image file or an upload's bytes to 8-bit RGB, with a note on any change.
+
+    Parameters
+    ----------
+    source : str, Path or binary file object
+        The image file, or its bytes as a file object.
+    name : str
+        How messages name the file.
+    max_pixels : int, optional
+        See :func:`open_image`.
+
+    Returns
+    -------
+    rgb, note
+        As :func:`read_image_noted`.
+    """
+    with open_image(source, name=name, max_pixels=max_pixels) as im:
+        notes = []
         mode = im.mode
-        with _decode_errors(str(path)):
+        with _decode_errors(name):
+            n_frames = getattr(im, "n_frames", 1)
+            if n_frames > 1:  # a multi-page TIFF or animated PNG: the first, said so
+                im.seek(0)
+                notes.append(f"{'page' if im.format == 'TIFF' else 'frame'} 1 of {n_frames}")
             im.load()
+            bits = _bits_per_sample(im)
         try:
-            rgb = _to_rgb8(im)
-        except (ValueError, OSError) as err:
+            rgb, converted = _to_rgb8(im, name)
+        except InvalidInputError:
+            raise
+        except Exception as err:  # any conversion failure is a reason code
             raise InvalidInputError(
-                "unsupported_mode", f"{path}: cannot convert mode {mode} to RGB ({err})"
+                "unsupported_mode",
+                f"{name}: cannot convert mode {mode} to RGB ({_clean(err, name)})",
             ) from err
-    return rgb, "" if mode == "RGB" else f"converted from {mode}"
+        if mode == "RGB" and bits > 8:
+            # Pillow unpacks 16-bit RGB to its high byte: a scaling by 1/256, never a wrap
+            notes.append(f"scaled from {3 * bits}-bit RGB to 8 bits per channel")
+        elif converted:
+            notes.append(converted)
+    return rgb, "; ".join(notes)
+
+
+def _bits_per_sample(im: Image.Image) -> int:
+    tags = getattr(im, "tag_v2", None)
+    if tags is None:
+        return 8
+    bits = tags.get(258, (8,))
+    bits = bits if isinstance(bits, tuple) else (bits,)
+    return max(int(b) for b in bits) if bits else 8
 
 
 @contextlib.contextmanager
 def open_image(
     source: str | Path | BinaryIO, *, name: str, max_pixels: int | None = None
 ) -> Iterator[Image.Image]:
-    """Open an image lazily, refusing bombs and broken headers before any decode.
+    """Open an image lazily, refusing bombs, other formats and broken headers before any decode.
 
     Parameters
     ----------
@@ -182,17 +259,22 @@ def open_image(
     Yields
     ------
     PIL.Image.Image
-        The opened, not yet decoded image.
+        The opened, not yet decoded image; its format is one of :data:`IMAGE_FORMATS`.
 
     Raises
     ------
     InvalidInputError
         ``too_large`` for more than ``max_pixels`` pixels, whether Pillow's own
-        bomb check or leukflow's fires first; ``not_an_image`` when no decoder
-        recognises the file; ``unreadable`` for a header that breaks the decoder.
+        bomb check or leukflow's fires first; ``unsupported_format`` for an image
+        of a format not in :data:`IMAGE_FORMATS`, whatever its name;
+        ``not_an_image`` when no decoder recognises the file; ``unreadable`` for a
+        header that breaks the decoder.
     """
     with _decode_errors(name):
-        im = Image.open(source)
+        try:
+            im = Image.open(source, formats=tuple(IMAGE_FORMATS))
+        except UnidentifiedImageError:
+            raise _unidentified(source, name) from None
     max_pixels = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
         if im.width * im.height > max_pixels:
@@ -206,6 +288,55 @@ def open_image(
         im.close()
 
 
+def _unidentified(source: str | Path | BinaryIO, name: str) -> InvalidInputError:
+    """Say why no accepted decoder took a file, from its first bytes only (nothing decoded).
+
+    Each Pillow plugin's signature test looks at the first 16 bytes, as
+    ``Image.open`` does; no decoder of a refused format ever runs.
+    """
+    try:
+        if isinstance(source, str | Path):
+            with open(source, "rb") as f:
+                prefix = f.read(16)
+        else:
+            source.seek(0)
+            prefix = source.read(16)
+    except OSError as err:
+        return InvalidInputError("unreadable", f"{name}: cannot read ({err.strerror})")
+    Image.init()
+    for fmt in Image.ID:
+        accept = Image.OPEN[fmt][1]
+        try:
+            if accept is None or not accept(prefix):
+                continue
+        except Exception:  # a signature test failing on odd bytes says nothing
+            continue
+        if fmt in IMAGE_FORMATS:
+            return InvalidInputError(
+                "unreadable",
+                f"{name}: starts like a {fmt} file but its header cannot be decoded "
+                "(damaged, or a layout the decoder does not support, such as float RGB)",
+            )
+        return InvalidInputError(
+            "unsupported_format",
+            f"{name}: a {fmt} image; expected one of {', '.join(IMAGE_FORMATS)} "
+            "(convert it to PNG or TIFF from the original)",
+        )
+    return InvalidInputError(
+        "not_an_image",
+        f"{name}: not an image file (no {'/'.join(IMAGE_FORMATS)} decoder knows it)",
+    )
+
+
+#: Python object reprs in decoder messages (``<_io.BytesIO object at 0x7f...>``) say
+#: nothing to a user and leak internals; they are replaced by the file's name.
+_OBJECT_REPR = re.compile(r"<[^<>]*\bat 0x[0-9a-fA-F]+>")
+
+
+def _clean(message: object, name: str) -> str:
+    return _OBJECT_REPR.sub(name, str(message))
+
+
 @contextlib.contextmanager
 def _decode_errors(name: str) -> Iterator[None]:
     """Turn whatever a decoder raises on a crafted or damaged file into a reason code."""
@@ -215,27 +346,47 @@ def _decode_errors(name: str) -> Iterator[None]:
         raise
     except Image.DecompressionBombError as err:
         raise InvalidInputError(
-            "too_large", f"{name}: {err} (possible decompression bomb)"
+            "too_large", f"{name}: {_clean(err, name)} (possible decompression bomb)"
         ) from err
     except UnidentifiedImageError as err:
-        raise InvalidInputError("not_an_image", f"{name}: not an image file ({err})") from err
+        raise InvalidInputError("not_an_image", f"{name}: not an image file") from err
     except MemoryError as err:
         raise InvalidInputError("too_large", f"{name}: decoding needs too much memory") from err
     # Decoders of damaged files raise more than OSError (struct.error, IndexError,
     # ZeroDivisionError...); none of it may stop a run, so all of it is a reason code.
     except Exception as err:
         raise InvalidInputError(
-            "unreadable", f"{name}: cannot decode image ({type(err).__name__}: {err})"
+            "unreadable",
+            f"{name}: cannot decode image ({type(err).__name__}: {_clean(err, name)})",
         ) from err
 
 
-def _to_rgb8(im: Image.Image) -> np.ndarray:
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # scale to the image's own maximum
+def _to_rgb8(im: Image.Image, name: str) -> tuple[np.ndarray, str]:
+    """8-bit RGB pixels and a note on the conversion (``""`` for 8-bit RGB)."""
+    if im.mode in ("I;16", "I;16B", "I;16L"):  # scale to the image's own maximum
         arr = np.asarray(im, dtype=np.float64)
         top = arr.max() if arr.max() > 0 else 1.0
         grey = np.round(arr / top * 255).astype(np.uint8)
-        return np.repeat(grey[..., None], 3, axis=2)
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2), f"converted from {im.mode}"
+    if im.mode in ("I", "F"):  # signed or float: the image's own range onto 0..255
+        arr = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(arr).all():
+            raise InvalidInputError(
+                "unsupported_mode",
+                f"{name}: a {'float' if im.mode == 'F' else '32-bit'} image holding NaN or "
+                "infinite values; no scaling to 8 bits is faithful",
+            )
+        lo, hi = min(float(arr.min()), 0.0), float(arr.max())
+        scale = 255 / (hi - lo) if hi > lo else 0.0
+        grey = np.clip(np.round((arr - lo) * scale), 0, 255).astype(np.uint8)
+        kind = "float" if im.mode == "F" else "32-bit integer"
+        return (
+            np.repeat(grey[..., None], 3, axis=2),
+            f"converted from {im.mode} ({kind}, {lo:g}..{hi:g} scaled to 0..255)",
+        )
+    if im.mode == "RGB":  # no converted copy: a large field is held once less
+        return np.asarray(im, dtype=np.uint8), ""
+    return np.asarray(im.convert("RGB"), dtype=np.uint8), f"converted from {im.mode}"
 
 
 def write_image(rgb: np.ndarray, path: str | Path) -> None:

@@ -17,9 +17,12 @@ the ROIs exactly as the run did (``evaluation.image_aggregation``, see
 :func:`leukflow.evaluate.classify.aggregate_images`); an image without ROIs is called
 negative.
 
-Images are processed in chunks of ``segmentation.chunk_size``, so memory does
-not grow with the number of images; an unreadable image, or one in which no
-white cell is found, gets a row with the reason and the run goes on.
+Images are processed in chunks of ``segmentation.chunk_size`` images and at
+most :data:`MAX_CHUNK_PIXELS` pixels, so memory grows neither with the number
+of images nor with their size; an unreadable image, or one in which no white
+cell is found, gets a row with the reason and the run goes on. Names that a
+user gave (file names, messages naming them) never start a CSV cell with
+``= + - @`` (see :func:`spreadsheet_safe`).
 """
 
 from __future__ import annotations
@@ -39,14 +42,23 @@ from sklearn.pipeline import Pipeline
 from tqdm.auto import tqdm
 
 from leukflow.core.provenance import read_provenance
-from leukflow.data.io import InvalidInputError, atomic_path, read_image, sha256_file
+from leukflow.data.io import (
+    InvalidInputError,
+    atomic_path,
+    is_image_candidate,
+    read_image,
+    sha256_file,
+)
 from leukflow.evaluate.classify import NO_ROI, PROBA_PREFIX, aggregate_images, load_model
 from leukflow.segment import SegmentParams, field_rois, segment_field
 
 log = logging.getLogger(__name__)
 
-#: Files :func:`iter_image_paths` takes from a folder (case-insensitive suffixes).
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+#: Decoded pixels a chunk holds at most (about 150 MB of RGB); a chunk ends at
+#: ``chunk_size`` images or at this many pixels, whichever comes first.
+MAX_CHUNK_PIXELS = 50_000_000
+#: First characters that make a spreadsheet read a cell as a formula.
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 #: Columns of the per-ROI table, before the ``proba_<class>`` columns and after them.
 ROI_PREFIX_COLUMNS = [
     "image",
@@ -419,6 +431,7 @@ def predict_images(
     images: Iterable[tuple[str, np.ndarray | Path | str]],
     *,
     chunk_size: int = 8,
+    max_chunk_pixels: int = MAX_CHUNK_PIXELS,
 ) -> Iterator[FieldPrediction]:
     """Segment and classify images, a chunk at a time.
 
@@ -432,6 +445,10 @@ def predict_images(
         the reason (:class:`leukflow.data.io.InvalidInputError` codes).
     chunk_size : int
         Images whose crops go through the encoders together.
+    max_chunk_pixels : int
+        A chunk also ends once its decoded images hold this many pixels, so a
+        folder of large fields is not held ``chunk_size`` at a time (one image
+        larger than this is a chunk of its own).
 
     Yields
     ------
@@ -439,16 +456,18 @@ def predict_images(
         One per image, in input order.
     """
     chunk: list[tuple[str, np.ndarray | None, str, str, pd.DataFrame, np.ndarray]] = []
+    pixels = 0
     for name, source in images:
         try:
             rgb = source if isinstance(source, np.ndarray) else read_image(source)
             rois, crops, reason, note = _segment(predictor, rgb, name)
             chunk.append((name, rgb, reason, note, rois, crops))
+            pixels += rgb.shape[0] * rgb.shape[1]
         except InvalidInputError as err:
             chunk.append((name, None, err.reason, str(err), pd.DataFrame(), np.zeros((0,))))
-        if len(chunk) >= chunk_size:
+        if len(chunk) >= chunk_size or pixels >= max_chunk_pixels:
             yield from _classify_chunk(predictor, chunk)
-            chunk = []
+            chunk, pixels = [], 0
     if chunk:
         yield from _classify_chunk(predictor, chunk)
 
@@ -553,8 +572,10 @@ def draw_overlay(rgb: np.ndarray, rois: pd.DataFrame, *, positive_label: str) ->
 def iter_image_paths(inputs: Sequence[str | Path]) -> Iterator[Path]:
     """Image files named on the command line: files as given, folders searched recursively.
 
-    Folder contents are sorted and filtered by :data:`IMAGE_SUFFIXES`; a file
-    named explicitly is always taken (a bad one is reported, not skipped).
+    Folder contents are sorted and filtered by image suffix
+    (:func:`leukflow.data.io.is_image_candidate`: an image of a refused format,
+    such as GIF, is taken and reported ``unsupported_format``, never skipped);
+    a file named explicitly is always taken (a bad one is reported, not skipped).
 
     Raises
     ------
@@ -564,7 +585,7 @@ def iter_image_paths(inputs: Sequence[str | Path]) -> Iterator[Path]:
     for item in map(Path, inputs):
         if item.is_dir():
             for path in sorted(item.rglob("*")):
-                if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+                if path.is_file() and is_image_candidate(path):
                     yield path
         elif item.exists():
             yield item
@@ -582,6 +603,28 @@ def _overlay_name(path: Path, used: set[str]) -> str:
     return name
 
 
+def spreadsheet_safe(table: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """Copy of ``table`` whose text cells in ``columns`` cannot start a spreadsheet formula.
+
+    A cell starting with ``= + - @`` (or a tab or carriage return) gets a
+    leading ``'``, as OWASP advises against CSV injection; a name such as
+    ``=HYPERLINK(...).png`` is then shown as text, not run. Only text that a
+    user gave (file names, messages naming them) needs it.
+    """
+    table = table.copy()
+    for column in columns:
+        if column in table:
+            table[column] = [
+                f"'{v}" if isinstance(v, str) and v.startswith(FORMULA_STARTS) else v
+                for v in table[column]
+            ]
+    return table
+
+
+#: Columns of predict's tables that hold user-given text.
+USER_TEXT_COLUMNS = ("image", "message", "overlay")
+
+
 def image_table_path(out: str | Path) -> Path:
     """Return the per-image table beside the per-ROI table ``out``: ``<stem>_images.csv``."""
     out = Path(out)
@@ -595,6 +638,7 @@ def predict_paths(
     out: str | Path,
     overlay_dir: str | Path | None = None,
     chunk_size: int | None = None,
+    max_chunk_pixels: int = MAX_CHUNK_PIXELS,
     progress: bool | None = None,
 ) -> pd.DataFrame:
     """Predict image files and folders; write the ROI table, image table and overlays.
@@ -614,13 +658,17 @@ def predict_paths(
         One PNG per readable image (default ``<out stem>_overlays/``).
     chunk_size : int, optional
         Images per encoder batch (default: the run's ``segmentation.chunk_size``).
+    max_chunk_pixels : int
+        Decoded pixels a batch holds at most (see :func:`predict_images`).
     progress : bool, optional
         Show a tqdm bar (default: when stderr is a terminal).
 
     Returns
     -------
     pandas.DataFrame
-        The per-image table (:data:`IMAGE_TABLE_COLUMNS`), small: one row per image.
+        The per-image table (:data:`IMAGE_TABLE_COLUMNS`), small: one row per
+        image, with the names as given (the CSVs hold them through
+        :func:`spreadsheet_safe`).
     """
     out = Path(out)
     overlay_dir = (
@@ -636,13 +684,15 @@ def predict_paths(
         with open(tmp_rois, "w", newline="") as f:
             pd.DataFrame(columns=roi_cols).to_csv(f, index=False)
             results = predict_images(
-                predictor, ((str(p), p) for p in paths), chunk_size=chunk_size
-            )
+                predictor, ((str(p), p) for p in paths), chunk_size=chunk_size,
+                max_chunk_pixels=max_chunk_pixels,
+            )  # fmt: skip
             bar = tqdm(results, total=len(paths), desc="predict", unit="image",
                        disable=None if progress is None else not progress)  # fmt: skip
             for pred, path in zip(bar, paths, strict=True):
                 if len(pred.rois):
-                    pred.rois.to_csv(f, index=False, header=False)
+                    safe = spreadsheet_safe(pred.rois, USER_TEXT_COLUMNS)
+                    safe.to_csv(f, index=False, header=False)
                 if pred.rgb is not None:
                     overlay = overlay_dir / _overlay_name(path, used)
                     png = draw_overlay(
@@ -653,5 +703,5 @@ def predict_paths(
                 rows.append(pred.image)
         images = pd.DataFrame(rows, columns=IMAGE_TABLE_COLUMNS)
         with atomic_path(image_table_path(out)) as tmp_images:
-            images.to_csv(tmp_images, index=False)
+            spreadsheet_safe(images, USER_TEXT_COLUMNS).to_csv(tmp_images, index=False)
     return images

@@ -6,11 +6,15 @@ image-level call, and offers the per-cell CSV. The models are loaded once
 (:func:`leukflow.deploy.predict.load_predictor`) and every upload goes through
 :func:`leukflow.deploy.predict.predict_images`, exactly as ``leukflow predict`` does.
 
-Uploads are limited in bytes, type (PNG, JPEG, TIFF, BMP, checked by content
-and not only by name) and pixels; a bad file gets the upload page back with a
-message and a 4xx status. Results are kept in memory for the last few uploads
-only. The page is meant for one person on their own machine: it binds to
-127.0.0.1 by default and runs Werkzeug's threaded server.
+Uploads are limited in bytes, type (:data:`leukflow.data.io.IMAGE_FORMATS`,
+checked by content and not only by name) and pixels; a bad file gets the
+upload page back with a message and a 4xx status. At most ``max_decoding``
+uploads are decoded and analysed at once; another waits up to
+``decode_wait_s`` seconds, then gets 503 with ``Retry-After``, so memory stays
+bounded however many arrive together. Results are kept in memory for the last
+:data:`KEEP_RESULTS` uploads only, their overlays downscaled to at most
+:data:`KEPT_OVERLAY_PIXELS`. The page is meant for one person on their own
+machine: it binds to 127.0.0.1 by default and runs Werkzeug's threaded server.
 """
 
 from __future__ import annotations
@@ -18,29 +22,47 @@ from __future__ import annotations
 import io
 import logging
 import secrets
-import tempfile
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
+from urllib.parse import quote
 
+import numpy as np
 import pandas as pd
 from flask import Flask, Response, abort, redirect, render_template_string, request, url_for
 from PIL import Image
 from werkzeug.exceptions import RequestEntityTooLarge
 
-from leukflow.data.io import InvalidInputError, open_image, read_image
-from leukflow.deploy.predict import IMAGE_SUFFIXES, Predictor, draw_overlay, predict_images
+from leukflow.data.io import (
+    IMAGE_FORMATS,
+    IMAGE_SUFFIXES,
+    InvalidInputError,
+    decode_image,
+    open_image,
+)
+from leukflow.deploy.predict import (
+    Predictor,
+    draw_overlay,
+    predict_images,
+    spreadsheet_safe,
+)
 
 log = logging.getLogger(__name__)
 
-#: Pillow formats accepted, whatever the file is called.
-ACCEPTED_FORMATS = ("PNG", "JPEG", "TIFF", "BMP")
+#: Pillow formats accepted, whatever the file is called: the one list of leukflow.data.io.
+ACCEPTED_FORMATS = IMAGE_FORMATS
 DEFAULT_MAX_UPLOAD_MB = 20
 DEFAULT_MAX_PIXELS = 40_000_000
+#: Uploads decoded and analysed at once; the others wait.
+DEFAULT_MAX_DECODING = 2
+#: How long an upload waits for a decoding slot before it gets 503.
+DEFAULT_DECODE_WAIT_S = 5.0
 #: Uploads whose results stay available (page, overlay, CSV); older ones are dropped.
 KEEP_RESULTS = 32
+#: Largest overlay kept per result, in pixels; larger images are shown downscaled.
+KEPT_OVERLAY_PIXELS = 2_000_000
 
 
 @dataclass
@@ -76,7 +98,7 @@ encoder {{ p.encoder }} &middot; classifier {{ p.classifier }} &middot;
 image call by {{ p.image_aggregation }} &middot; device {{ p.device }}</p>
 {% if error %}<p class="error" id="error">{{ error }}</p>{% endif %}
 <form method="post" action="{{ url_for('upload') }}" enctype="multipart/form-data">
-<label>Smear field or cell image (PNG, JPEG, TIFF, BMP; at most {{ max_mb }} MB and
+<label>Smear field or cell image ({{ formats }}; at most {{ max_mb }} MB and
 {{ "{:,}".format(max_pixels) }} pixels):
 <input type="file" name="image" accept="{{ accept }}" required></label>
 <button type="submit">Analyse</button></form>
@@ -112,13 +134,14 @@ class UploadError(ValueError):
         self.status = status
 
 
-def check_upload(data: bytes, filename: str, *, max_pixels: int) -> None:
+def check_upload(data: bytes | BinaryIO, filename: str, *, max_pixels: int) -> None:
     """Refuse an upload by type or pixel count before it is decoded.
 
     Parameters
     ----------
-    data : bytes
-        The file's content.
+    data : bytes or seekable binary file object
+        The file's content; a file object is read for its header only and
+        left at its start.
     filename : str
         Its name, as sent.
     max_pixels : int
@@ -131,24 +154,39 @@ def check_upload(data: bytes, filename: str, *, max_pixels: int) -> None:
         too many pixels.
     """
     suffix = Path(filename).suffix.lower()
-    if not data:
+    stream = io.BytesIO(data) if isinstance(data, bytes) else data
+    stream.seek(0, io.SEEK_END)
+    empty = stream.tell() == 0
+    stream.seek(0)
+    if empty:
         raise UploadError(400, f"{filename or 'the upload'}: the file is empty")
     if suffix not in IMAGE_SUFFIXES:
         raise UploadError(
             415,
-            f"{filename}: expected an image file ({', '.join(IMAGE_SUFFIXES)}); "
+            f"{filename}: expected an image file ({', '.join(sorted(IMAGE_SUFFIXES))}); "
             f"got {suffix or 'a name without suffix'}",
         )
     try:
-        with open_image(io.BytesIO(data), name=filename, max_pixels=max_pixels) as im:
-            fmt = im.format
+        with open_image(_Borrowed(stream), name=filename, max_pixels=max_pixels):
+            pass  # the header only: format, size, bomb
     except InvalidInputError as err:
-        status = 413 if err.reason == "too_large" else 400
+        status = {"too_large": 413, "unsupported_format": 415}.get(err.reason, 400)
         raise UploadError(status, str(err)) from err
-    if fmt not in ACCEPTED_FORMATS:
-        raise UploadError(
-            415, f"{filename}: expected one of {', '.join(ACCEPTED_FORMATS)}; got a {fmt} image"
-        )
+    finally:
+        stream.seek(0)
+
+
+class _Borrowed:
+    """A file object that Pillow may close without closing the upload beneath it."""
+
+    def __init__(self, stream: BinaryIO):
+        self._stream = stream
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def close(self) -> None:
+        """Leave the upload open: it is read again once a decoding slot is free."""
 
 
 def create_app(
@@ -156,6 +194,8 @@ def create_app(
     *,
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decoding: int = DEFAULT_MAX_DECODING,
+    decode_wait_s: float = DEFAULT_DECODE_WAIT_S,
 ) -> Flask:
     """Build the review page's Flask app around a loaded predictor.
 
@@ -167,6 +207,12 @@ def create_app(
         Largest request accepted (413 above).
     max_pixels : int
         Largest image accepted, in pixels (413 above).
+    max_decoding : int
+        Uploads decoded and analysed at once (decoded pixels are where memory
+        goes); at least 1.
+    decode_wait_s : float
+        How long another upload waits for a slot before it is answered 503
+        with ``Retry-After``.
 
     Returns
     -------
@@ -174,16 +220,20 @@ def create_app(
         Routes: ``/`` (upload form), ``POST /upload``, ``/results/<token>``
         (page), ``/results/<token>/overlay.png``, ``/results/<token>.csv``.
     """
+    if max_decoding < 1:
+        raise ValueError(f"create_app: max_decoding must be at least 1; got {max_decoding}")
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = int(max_upload_mb * 1024 * 1024)
     results: OrderedDict[str, Review] = OrderedDict()
     lock = threading.Lock()  # one prediction at a time: the models are shared
+    slots = threading.BoundedSemaphore(max_decoding)
+    retry_after_s = max(1, round(decode_wait_s))
 
     def page(body: str = "", error: str = "", title: str = "", status: int = 200) -> Response:
         html = render_template_string(
             _BASE, p=predictor, body=body, error=error, title=title, style=_STYLE,
             max_mb=f"{max_upload_mb:g}", max_pixels=max_pixels,
-            accept=",".join(IMAGE_SUFFIXES),
+            accept=",".join(sorted(IMAGE_SUFFIXES)), formats=", ".join(IMAGE_FORMATS),
         )  # fmt: skip
         return Response(html, status=status, mimetype="text/html")
 
@@ -202,13 +252,28 @@ def create_app(
         file = request.files.get("image")
         if file is None or not file.filename:
             return page(error="No file was uploaded: choose an image first.", status=400)
-        data = file.read()
-        try:
-            check_upload(data, file.filename, max_pixels=max_pixels)
+        try:  # the header only, from the spooled upload: a bad file is refused at once
+            check_upload(file.stream, file.filename, max_pixels=max_pixels)
+        except UploadError as err:
+            log.info("refused %s: %s", file.filename, err)
+            return page(error=str(err), status=err.status)
+        if not slots.acquire(timeout=decode_wait_s):
+            log.info("busy: %s waited %g s for a decoding slot", file.filename, decode_wait_s)
+            response = page(
+                error=f"The server is busy analysing other images; try again in "
+                f"{retry_after_s} s.",
+                status=503,
+            )
+            response.headers["Retry-After"] = str(retry_after_s)
+            return response
+        try:  # the bytes come into memory only once a slot is free
+            data = file.stream.read()
             review = _analyse(predictor, data, file.filename, lock)
         except UploadError as err:
             log.info("refused %s: %s", file.filename, err)
             return page(error=str(err), status=err.status)
+        finally:
+            slots.release()
         token = secrets.token_urlsafe(12)
         with lock:
             results[token] = review
@@ -236,33 +301,60 @@ def create_app(
     @app.get("/results/<token>.csv")
     def result_csv(token: str) -> Response:
         review = get(token)
-        name = Path(review.filename).stem or "upload"
+        table = spreadsheet_safe(review.rois, ("image",))
         return Response(
-            review.rois.to_csv(index=False),
+            table.to_csv(index=False),
             mimetype="text/csv",
-            headers={"Content-Disposition": f'attachment; filename="{name}_cells.csv"'},
+            headers={"Content-Disposition": content_disposition(review.filename)},
         )
 
     return app
 
 
+def content_disposition(filename: str) -> str:
+    """``Content-Disposition`` of an upload's CSV, for any file name (RFC 6266 / RFC 5987).
+
+    An ASCII ``filename`` (other characters, quotes and backslashes replaced
+    by ``_``) for old clients, and ``filename*`` with the UTF-8 name
+    percent-encoded: ``血液_fält.png`` -> ``血液_fält_cells.csv``.
+    """
+    name = (Path(filename).stem or "upload") + "_cells.csv"
+    ascii_name = "".join(c if 32 <= ord(c) < 127 and c not in '"\\' else "_" for c in name)
+    return f"attachment; filename=\"{ascii_name}\"; filename*=UTF-8''{quote(name, safe='')}"
+
+
 def _analyse(predictor: Predictor, data: bytes, filename: str, lock: threading.Lock) -> Review:
     """Decode an upload as leukflow reads any image, then predict it."""
-    suffix = Path(filename).suffix.lower()
-    with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:
-        tmp.write(data)
-        tmp.flush()
-        try:
-            rgb = read_image(tmp.name)
-        except InvalidInputError as err:
-            message = str(err).replace(tmp.name, filename)
-            raise UploadError(400, f"cannot use this image ({err.reason}): {message}") from err
+    try:
+        rgb, _note = decode_image(io.BytesIO(data), name=filename)
+    except InvalidInputError as err:
+        raise UploadError(400, f"cannot use this image ({err.reason}): {err}") from err
     with lock:
         pred = next(predict_images(predictor, [(filename, rgb)]))
-    overlay = draw_overlay(rgb, pred.rois, positive_label=predictor.positive_label)
+    small, rois = _downscaled(rgb, pred.rois, KEPT_OVERLAY_PIXELS)
+    del rgb
+    overlay = draw_overlay(small, rois, positive_label=predictor.positive_label)
     buffer = io.BytesIO()
     Image.fromarray(overlay).save(buffer, format="PNG")
     return Review(filename, pred.image, pred.rois, buffer.getvalue())
+
+
+def _downscaled(
+    rgb: np.ndarray, rois: pd.DataFrame, max_pixels: int
+) -> tuple[np.ndarray, pd.DataFrame]:
+    """Shrink the image to at most ``max_pixels`` and scale its ROI boxes alike."""
+    h, w = rgb.shape[:2]
+    if h * w <= max_pixels:
+        return rgb, rois
+    factor = (max_pixels / (h * w)) ** 0.5
+    size = (max(1, int(w * factor)), max(1, int(h * factor)))
+    small = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BOX))
+    rois = rois.copy()
+    for col, scale in (("x0", size[0] / w), ("x1", size[0] / w), ("y0", size[1] / h),
+                       ("y1", size[1] / h)):  # fmt: skip
+        if col in rois:
+            rois[col] = (rois[col] * scale).round().astype(int)
+    return small, rois
 
 
 def serve(app: Flask, host: str = "127.0.0.1", port: int = 8000) -> None:

@@ -27,7 +27,7 @@ import torchvision
 from torch import nn
 from torch.nn import functional as F
 
-from leukflow.data.io import atomic_path
+from leukflow.data.io import InvalidInputError, atomic_path
 from leukflow.learn.nets import SmallCNN, Xception
 
 log = logging.getLogger(__name__)
@@ -338,8 +338,27 @@ def save_checkpoint(checkpoint: dict, path: str | Path) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Read a checkpoint written by :func:`save_checkpoint` (``weights_only=True``).
+
+    Raises
+    ------
+    InvalidInputError
+        ``unreadable`` for a file that is not such a checkpoint (damaged, or
+        holding pickled objects beyond tensors and plain containers).
+    """
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as err:
+        raise InvalidInputError(
+            "unreadable",
+            f"{path}: not a leukflow checkpoint loadable with weights_only "
+            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})",
+        ) from err
+    if not isinstance(checkpoint, dict):
+        raise InvalidInputError(
+            "unreadable", f"{path}: expected a checkpoint dict; got {type(checkpoint).__name__}"
+        )
+    return checkpoint
 
 
 def encoder_from_checkpoint(checkpoint: dict) -> Encoder:
