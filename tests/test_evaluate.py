@@ -1,4 +1,5 @@
-"""Tests of classifiers and metrics (leukflow.evaluate.classify)."""
+"""Tests of classifiers, model files and metrics (leukflow.evaluate: classifiers, model_files,
+images, metrics, bootstrap, per_class, scoring)."""
 
 import logging
 import math
@@ -20,28 +21,21 @@ from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from sklearn.svm import LinearSVC
 
 from leukflow.data.io import InvalidInputError
-from leukflow.evaluate import classify as evaluate
-from leukflow.evaluate.classify import (
-    CI_COLUMNS,
-    COUNTS,
-    METRICS,
-    aggregate_images,
-    binary_metrics,
-    bootstrap_metrics,
-    evaluate_embeddings,
+from leukflow.evaluate import bootstrap
+from leukflow.evaluate import classifiers as fitting
+from leukflow.evaluate.bootstrap import CI_COLUMNS, bootstrap_metrics, score_pooled
+from leukflow.evaluate.classifiers import (
     fit_predict_folds,
     head_predictions,
-    load_model,
     make_classifier,
-    per_class_metrics,
-    save_model,
-    score_folds,
-    score_folds_per_class,
-    score_pooled,
-    score_predictions,
     vote_predictions,
 )
 from leukflow.evaluate.folds import LeakageError
+from leukflow.evaluate.images import aggregate_images
+from leukflow.evaluate.metrics import COUNTS, METRICS, binary_metrics, score_folds
+from leukflow.evaluate.model_files import load_model, save_model
+from leukflow.evaluate.per_class import per_class_metrics, score_folds_per_class
+from leukflow.evaluate.scoring import evaluate_embeddings, score_predictions
 
 POS, NEG = "ALL", "HEM"
 CLASSIFIERS = {
@@ -382,7 +376,7 @@ def test_fit_predict_folds_predicts_each_roi_once_on_its_own_fold():
 def test_fit_predict_folds_never_trains_on_test_rois(monkeypatch):
     rois, embeddings = _blobs()
     fits = []
-    real = evaluate.make_classifier
+    real = fitting.make_classifier
 
     def spy(name, params):
         pipe = real(name, params)
@@ -395,7 +389,7 @@ def test_fit_predict_folds_never_trains_on_test_rois(monkeypatch):
         pipe.fit = recording_fit
         return pipe
 
-    monkeypatch.setattr(evaluate, "make_classifier", spy)
+    monkeypatch.setattr(fitting, "make_classifier", spy)
     preds = fit_predict_folds(
         embeddings, rois, classifiers={"knn": {"n_neighbors": 3}}, positive_label=POS
     )
@@ -504,7 +498,7 @@ def test_make_classifier_optional_pca():
 def test_fit_predict_folds_with_pca_larger_than_the_data(caplog):
     rois, embeddings = _blobs(dim=8)
     classifiers = {"knn": {"n_neighbors": 3, "pca_components": 50}}
-    with caplog.at_level(logging.WARNING, logger="leukflow.evaluate.classify"):
+    with caplog.at_level(logging.WARNING, logger="leukflow.evaluate.classifiers"):
         preds, models = fit_predict_folds(
             embeddings, rois, classifiers=classifiers, positive_label=POS, return_models=True
         )
@@ -667,7 +661,7 @@ def test_bootstrap_samples_match_sklearn_with_group_weights():
     neg = np.zeros((30, len(levels)))
     np.add.at(pos, (group[y], u[y]), 1)
     np.add.at(neg, (group[~y], u[~y]), 1)
-    got = evaluate._weighted_metrics(weights @ counts.T, weights @ pos, weights @ neg)
+    got = bootstrap._weighted_metrics(weights @ counts.T, weights @ pos, weights @ neg)
     for b, w in enumerate(weights):
         rows = w[group]  # a group drawn twice counts twice
         expected = {
@@ -878,7 +872,7 @@ def test_evaluate_embeddings_checks_leakage_before_any_fit(monkeypatch):
     folds.loc[folds.index[:2], "group"] = "shared"  # one group, two images
     folds.loc[folds.index[:2], "fold"] = [0, 1]  # ...on both sides of fold 0
     fits = []
-    monkeypatch.setattr(evaluate, "make_classifier", lambda *a: fits.append(a))
+    monkeypatch.setattr(fitting, "make_classifier", lambda *a: fits.append(a))
     with pytest.raises(LeakageError, match="group"):
         evaluate_embeddings(
             embeddings, rois, folds, classifiers={"knn": {"n_neighbors": 3}}, positive_label=POS
@@ -898,7 +892,7 @@ def test_rare_label_does_not_break_the_svms(caplog):
     rois, embeddings = _blobs()
     rois.loc[0, "label"] = "basophil"
     svms = {"svm_rbf": {"C": 1.0}, "svm_linear": {"C": 1.0, "max_iter": 5000}}
-    with caplog.at_level(logging.WARNING, logger="leukflow.evaluate.classify"):
+    with caplog.at_level(logging.WARNING, logger="leukflow.evaluate.classifiers"):
         preds = fit_predict_folds(embeddings, rois, classifiers=svms, positive_label=POS)
     assert "['basophil'] have fewer than 5 training ROIs" in caplog.text
     assert len(preds) == 2 * len(rois)
@@ -1013,15 +1007,15 @@ def test_grid_is_tuned_by_an_inner_grouped_cv_on_training_rois_only(monkeypatch,
     rois, embeddings = _blobs(label_per_image=True)
     rois = rois.assign(group="p" + (rois["image_id"].str[3:].astype(int) // 2).astype(str))
     seen = []
-    real_fit = evaluate.GridSearchCV.fit
+    real_fit = fitting.GridSearchCV.fit
 
     def spy(self, x, y, groups=None):
         seen.append((np.array(x, copy=True), np.asarray(groups)))
         return real_fit(self, x, y, groups=groups)
 
-    monkeypatch.setattr(evaluate.GridSearchCV, "fit", spy)
+    monkeypatch.setattr(fitting.GridSearchCV, "fit", spy)
     knn = {"knn": {"n_neighbors": 5, "grid": {"n_neighbors": [1, 3, 7]}}}
-    with caplog.at_level(logging.INFO, logger="leukflow.evaluate.classify"):
+    with caplog.at_level(logging.INFO, logger="leukflow.evaluate.classifiers"):
         preds, models = fit_predict_folds(
             embeddings, rois, classifiers=knn, positive_label=POS, return_models=True
         )
@@ -1036,8 +1030,8 @@ def test_grid_is_tuned_by_an_inner_grouped_cv_on_training_rois_only(monkeypatch,
 
 
 def test_grid_parameters_of_svms_and_pca():
-    assert evaluate.grid_parameter("svm_rbf", "C") == "model__estimator__C"
-    assert evaluate.grid_parameter("knn", "pca_components") == "pca__n_components"
+    assert fitting.grid_parameter("svm_rbf", "C") == "model__estimator__C"
+    assert fitting.grid_parameter("knn", "pca_components") == "pca__n_components"
     params = {"C": 1, "max_iter": 100, "grid": {"pca_components": [2, 4]}}
     pipe = make_classifier("logistic_regression", params)
     assert pipe.named_steps["pca"].n_components == 2

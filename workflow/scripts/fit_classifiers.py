@@ -4,9 +4,10 @@ from pathlib import Path
 
 from leukflow.core.runlog import start_log
 from leukflow.data.io import embeddings_attrs, fold_embeddings, read_table, write_table
-from leukflow.evaluate.classify import evaluate_embeddings, save_model
 from leukflow.evaluate.folds import label_rois
+from leukflow.evaluate.model_files import save_model
 from leukflow.evaluate.plots import PLOTTERS
+from leukflow.evaluate.scoring import evaluate_embeddings
 
 p, out = snakemake.params, snakemake.output
 dataset, encoder = snakemake.wildcards.dataset, snakemake.wildcards.encoder

@@ -2,9 +2,10 @@
 
 from leukflow.core.runlog import start_log
 from leukflow.data.io import embeddings_attrs, open_probabilities, read_table, write_table
-from leukflow.evaluate.classify import CNN_SOFTMAX, head_predictions, score_predictions
+from leukflow.evaluate.classifiers import CNN_SOFTMAX, head_predictions
 from leukflow.evaluate.folds import label_rois
 from leukflow.evaluate.plots import PLOTTERS
+from leukflow.evaluate.scoring import score_predictions
 
 p, out = snakemake.params, snakemake.output
 dataset, encoder = snakemake.wildcards.dataset, snakemake.wildcards.encoder

@@ -2,8 +2,9 @@
 
 from leukflow.core.runlog import start_log
 from leukflow.data.io import read_table, write_table
-from leukflow.evaluate.classify import score_predictions, vote_predictions
+from leukflow.evaluate.classifiers import vote_predictions
 from leukflow.evaluate.plots import PLOTTERS
+from leukflow.evaluate.scoring import score_predictions
 
 p, out = snakemake.params, snakemake.output
 dataset, ensemble = snakemake.wildcards.dataset, snakemake.wildcards.ensemble

@@ -4,7 +4,7 @@ The honest protocol of a train -> test pair: one encoder trained on every
 labelled ROI of the train dataset embeds both datasets; each classifier is
 fitted on the train dataset's embeddings and applied to every ROI of the test
 dataset, which nothing upstream has seen. Metrics are the binary ones of
-:mod:`leukflow.evaluate.classify` (positive label vs the rest), with bootstrap
+:mod:`leukflow.evaluate.metrics` (positive label vs the rest), with bootstrap
 intervals that resample the test dataset's patient groups.
 """
 
@@ -22,8 +22,9 @@ import numpy as np
 import pandas as pd
 
 from leukflow.data.io import atomic_path
-from leukflow.evaluate.classify import Evaluation, fit_predict_folds, score_predictions
+from leukflow.evaluate.classifiers import fit_predict_folds
 from leukflow.evaluate.folds import TRAIN_ONLY
+from leukflow.evaluate.scoring import Evaluation, score_predictions
 
 log = logging.getLogger(__name__)
 
@@ -118,16 +119,16 @@ def evaluate_cross(
         ``image_id, label, group`` of every test image (those without ROIs
         included: called negative); the bootstrap resamples ``group``.
     classifiers, positive_label, inner_folds
-        See :func:`leukflow.evaluate.classify.fit_predict_folds`. A test label absent
+        See :func:`leukflow.evaluate.classifiers.fit_predict_folds`. A test label absent
         from the training labels gets probability 0 and is never predicted;
         without the positive label in training every score is 0.
     image_aggregation, any_positive_threshold, n_boot, bootstrap_seed, ci_level
-        See :func:`leukflow.evaluate.classify.score_predictions`.
+        See :func:`leukflow.evaluate.scoring.score_predictions`.
 
     Returns
     -------
     Evaluation
-        As :func:`leukflow.evaluate.classify.evaluate_embeddings`, with one test fold
+        As :func:`leukflow.evaluate.scoring.evaluate_embeddings`, with one test fold
         (:data:`TEST_FOLD`); the ``pooled`` metric rows carry the intervals.
         ``models`` maps ``(classifier, TEST_FOLD)`` to the fitted pipeline.
 

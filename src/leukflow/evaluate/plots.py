@@ -2,8 +2,8 @@
 
 Every plot function takes the same arguments: ``levels`` (level name ->
 predictions of one classifier, pooled over the test folds: ``roi`` from
-:func:`leukflow.evaluate.classify.fit_predict_folds`, ``image`` from
-:func:`leukflow.evaluate.classify.aggregate_images`), a ``title``, the
+:func:`leukflow.evaluate.classifiers.fit_predict_folds`, ``image`` from
+:func:`leukflow.evaluate.images.aggregate_images`), a ``title``, the
 ``positive_label`` and the PNG ``path``; :data:`PLOTTERS` maps each kind of
 plot to its function.
 """
