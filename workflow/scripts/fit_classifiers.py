@@ -3,11 +3,11 @@
 from pathlib import Path
 
 from leukflow.core.runlog import start_log
-from leukflow.data.io import embeddings_attrs, fold_embeddings, read_table, write_table
+from leukflow.data.io import embeddings_attrs, fold_embeddings, read_table
 from leukflow.evaluate.folds import label_rois
 from leukflow.evaluate.model_files import save_model
-from leukflow.evaluate.plots import PLOTTERS
-from leukflow.evaluate.scoring import evaluate_embeddings
+from leukflow.evaluate.plots import plot_classifier
+from leukflow.evaluate.scoring import ScoringSettings, evaluate_embeddings, write_evaluation
 
 p, out = snakemake.params, snakemake.output
 dataset, encoder = snakemake.wildcards.dataset, snakemake.wildcards.encoder
@@ -24,34 +24,21 @@ result = evaluate_embeddings(
     rois,
     folds,
     classifiers=p.classifiers,
-    positive_label=p.positive_label,
-    image_aggregation=p.image_aggregation,
-    any_positive_threshold=p.any_positive_threshold,
-    n_boot=p.n_boot,
-    bootstrap_seed=p.bootstrap_seed,
-    ci_level=p.ci_level,
+    settings=ScoringSettings.from_params(p),
     inner_folds=p.inner_folds,
 )
-keys = {"dataset": dataset, "encoder": encoder}
-for table, path in (
-    (result.metrics, out.metrics),
-    (result.metrics_per_class, out.metrics_per_class),
-):
-    write_table(table.assign(**keys)[[*keys, *table.columns]], path)
-write_table(result.roi_predictions, out.roi_predictions)
-write_table(result.image_predictions, out.image_predictions)
+write_evaluation(result, out, keys={"dataset": dataset, "encoder": encoder})
 model_paths = {Path(path).stem: path for path in out.models}
 for (clf, fold), model in result.models.items():
     save_model(model, model_paths[f"{clf}_fold_{fold}"])
-for kind in p.plot_kinds:
-    for clf, png in zip(p.classifiers, out[kind], strict=True):
-        PLOTTERS[kind](
-            {"roi": result.roi_predictions.query("classifier == @clf"),
-             "image": result.image_predictions.query("classifier == @clf")},
-            title=f"{dataset} / {encoder} / {clf}",
-            positive_label=p.positive_label,
-            path=png,
-        )  # fmt: skip
+for i, clf in enumerate(p.classifiers):
+    plot_classifier(
+        result,
+        {kind: out[kind][i] for kind in p.plot_kinds},
+        classifier=clf,
+        title=f"{dataset} / {encoder} / {clf}",
+        positive_label=p.positive_label,
+    )
 pooled = result.metrics.query("fold == 'pooled' and metric in ['accuracy', 'roc_auc']")
 log.info("pooled metrics with %g%% bootstrap CIs:\n%s", 100 * p.ci_level,
          pooled[["classifier", "level", "metric", "accuracy", "roc_auc", "ci_low", "ci_high"]]

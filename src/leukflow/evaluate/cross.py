@@ -24,7 +24,7 @@ import pandas as pd
 from leukflow.data.io import atomic_path
 from leukflow.evaluate.classifiers import fit_predict_folds
 from leukflow.evaluate.folds import TRAIN_ONLY
-from leukflow.evaluate.scoring import Evaluation, score_predictions
+from leukflow.evaluate.scoring import Evaluation, ScoringSettings, score_predictions
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +92,7 @@ def evaluate_cross(
     test_images: pd.DataFrame,
     *,
     classifiers: Mapping[str, Mapping],
-    positive_label: str,
-    image_aggregation: str = "vote",
-    any_positive_threshold: float = 0.5,
-    n_boot: int = 1000,
-    bootstrap_seed: int = 0,
-    ci_level: float = 0.95,
+    settings: ScoringSettings,
     inner_folds: int = 3,
 ) -> Evaluation:
     """Fit every classifier on one dataset's ROIs and score it on another's.
@@ -118,12 +113,12 @@ def evaluate_cross(
     test_images : pandas.DataFrame
         ``image_id, label, group`` of every test image (those without ROIs
         included: called negative); the bootstrap resamples ``group``.
-    classifiers, positive_label, inner_folds
+    classifiers, inner_folds
         See :func:`leukflow.evaluate.classifiers.fit_predict_folds`. A test label absent
         from the training labels gets probability 0 and is never predicted;
         without the positive label in training every score is 0.
-    image_aggregation, any_positive_threshold, n_boot, bootstrap_seed, ci_level
-        See :func:`leukflow.evaluate.scoring.score_predictions`.
+    settings : leukflow.evaluate.scoring.ScoringSettings
+        The positive label, image aggregation and bootstrap.
 
     Returns
     -------
@@ -172,23 +167,14 @@ def evaluate_cross(
         {TEST_FOLD: embeddings},
         rois,
         classifiers=classifiers,
-        positive_label=positive_label,
+        positive_label=settings.positive_label,
         return_models=True,
         inner_folds=inner_folds,
     )
     images = test_images[["image_id", "label", "group"]].assign(
         label=lambda d: d["label"].astype(str), fold=TEST_FOLD, leaky=False
     )
-    out = score_predictions(
-        roi_preds,
-        images,
-        positive_label=positive_label,
-        image_aggregation=image_aggregation,
-        any_positive_threshold=any_positive_threshold,
-        n_boot=n_boot,
-        bootstrap_seed=bootstrap_seed,
-        ci_level=ci_level,
-    )
+    out = score_predictions(roi_preds, images, settings)
     out.models = models
     return out
 

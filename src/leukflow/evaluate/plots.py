@@ -11,8 +11,9 @@ plot to its function.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import matplotlib
 
@@ -24,6 +25,9 @@ from sklearn.calibration import calibration_curve
 from sklearn.metrics import ConfusionMatrixDisplay, roc_auc_score, roc_curve
 
 from leukflow.data.io import atomic_path
+
+if TYPE_CHECKING:
+    from leukflow.evaluate.scoring import Evaluation
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +272,34 @@ PLOTTERS: dict[str, Callable[..., None]] = {
     "calibration": plot_calibration,
     "wbc_count": plot_wbc_counts,
 }
+
+
+def plot_classifier(
+    result: Evaluation,
+    paths: Mapping[str, str | Path],
+    *,
+    classifier: str,
+    title: str,
+    positive_label: str,
+) -> None:
+    """Draw each kind of plot in ``paths`` of one classifier's ROI and image predictions.
+
+    Parameters
+    ----------
+    result : leukflow.evaluate.scoring.Evaluation
+        Its ``roi_predictions`` and ``image_predictions`` are drawn (rows of
+        ``classifier`` only).
+    paths : mapping of str to path
+        Kind of plot (a key of :data:`PLOTTERS`) -> PNG path.
+    classifier, title, positive_label
+        The rows to draw, the figure title, the positive class.
+    """
+    levels = {
+        level: preds[preds["classifier"] == classifier]
+        for level, preds in (("roi", result.roi_predictions), ("image", result.image_predictions))
+    }
+    for kind, path in paths.items():
+        PLOTTERS[kind](levels, title=title, positive_label=positive_label, path=path)
 
 
 def plot_history(history: pd.DataFrame, *, title: str, path: str | Path) -> None:

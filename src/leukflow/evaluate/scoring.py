@@ -11,18 +11,68 @@ datasets with several labels.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.pipeline import Pipeline
 
+from leukflow.data.io import write_table
 from leukflow.evaluate.bootstrap import CI_COLUMNS, score_pooled
 from leukflow.evaluate.classifiers import fit_predict_folds
 from leukflow.evaluate.folds import check_no_leakage
 from leukflow.evaluate.images import aggregate_images
 from leukflow.evaluate.metrics import COUNTS, METRICS, score_folds
 from leukflow.evaluate.per_class import score_folds_per_class
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """How ROI predictions become image calls and metrics with intervals.
+
+    The config's ``positive_label`` and the ``evaluation`` keys of the same
+    names; every scoring rule (fitted classifiers, the encoder's head, a vote,
+    cross-dataset) scores with the same settings.
+
+    Attributes
+    ----------
+    positive_label : str
+        The positive class (binary metrics: this label vs the rest).
+    image_aggregation : str
+        ``method`` of :func:`.aggregate_images`: ``vote``, ``mean_probability``
+        or ``any_positive``.
+    any_positive_threshold : float
+        ``threshold`` of :func:`.aggregate_images` (``any_positive``).
+    n_boot : int
+        Bootstrap samples of the pooled intervals (see :func:`.bootstrap_metrics`).
+    bootstrap_seed : int
+        Seed of the bootstrap draws.
+    ci_level : float
+        Coverage of the bootstrap intervals, in (0, 1).
+    """
+
+    positive_label: str
+    image_aggregation: str = "vote"
+    any_positive_threshold: float = 0.5
+    n_boot: int = 1000
+    bootstrap_seed: int = 0
+    ci_level: float = 0.95
+
+    @classmethod
+    def from_params(cls, params: Mapping) -> ScoringSettings:
+        """Take the settings from a mapping that holds each of them (e.g. a rule's params).
+
+        Raises
+        ------
+        KeyError
+            Naming the settings ``params`` lacks.
+        """
+        params = dict(params)
+        missing = [f.name for f in fields(cls) if f.name not in params]
+        if missing:
+            raise KeyError(f"ScoringSettings.from_params: missing {missing}; got {sorted(params)}")
+        return cls(**{f.name: params[f.name] for f in fields(cls)})
 
 
 @dataclass
@@ -42,12 +92,7 @@ def evaluate_embeddings(
     folds: pd.DataFrame,
     *,
     classifiers: Mapping[str, Mapping],
-    positive_label: str,
-    image_aggregation: str = "vote",
-    any_positive_threshold: float = 0.5,
-    n_boot: int = 1000,
-    bootstrap_seed: int = 0,
-    ci_level: float = 0.95,
+    settings: ScoringSettings,
     inner_folds: int = 3,
 ) -> Evaluation:
     """Fit, predict and score every classifier on one dataset's fold embeddings.
@@ -64,12 +109,10 @@ def evaluate_embeddings(
     folds : pandas.DataFrame
         The dataset's rows of folds.csv: ``image_id, patient, group, label,
         fold, leaky``.
-    classifiers, positive_label
+    classifiers
         See :func:`.fit_predict_folds`.
-    image_aggregation, any_positive_threshold
-        ``method`` and ``threshold`` of :func:`.aggregate_images`.
-    n_boot, bootstrap_seed, ci_level
-        See :func:`.bootstrap_metrics`.
+    settings : ScoringSettings
+        The positive label, image aggregation and bootstrap.
     inner_folds : int
         Inner grouped folds that tune a classifier's ``grid`` (training part only).
 
@@ -91,34 +134,17 @@ def evaluate_embeddings(
         embeddings,
         rois,
         classifiers=classifiers,
-        positive_label=positive_label,
+        positive_label=settings.positive_label,
         return_models=True,
         inner_folds=inner_folds,
     )
-    out = score_predictions(
-        roi_preds,
-        folds,
-        positive_label=positive_label,
-        image_aggregation=image_aggregation,
-        any_positive_threshold=any_positive_threshold,
-        n_boot=n_boot,
-        bootstrap_seed=bootstrap_seed,
-        ci_level=ci_level,
-    )
+    out = score_predictions(roi_preds, folds, settings)
     out.models = models
     return out
 
 
 def score_predictions(
-    roi_preds: pd.DataFrame,
-    folds: pd.DataFrame,
-    *,
-    positive_label: str,
-    image_aggregation: str = "vote",
-    any_positive_threshold: float = 0.5,
-    n_boot: int = 1000,
-    bootstrap_seed: int = 0,
-    ci_level: float = 0.95,
+    roi_preds: pd.DataFrame, folds: pd.DataFrame, settings: ScoringSettings
 ) -> Evaluation:
     """Image calls and every metric table from ROI predictions of any source.
 
@@ -128,14 +154,15 @@ def score_predictions(
     holdout split's training-only images (fold -1) are not. Parameters and
     the returned tables: see :func:`evaluate_embeddings` (no models).
     """
+    positive_label = settings.positive_label
     leaky = bool(folds["leaky"].any())
     folds = folds[folds["fold"] >= 0]
     image_preds = aggregate_images(
         roi_preds,
         folds,
         positive_label=positive_label,
-        method=image_aggregation,
-        threshold=any_positive_threshold,
+        method=settings.image_aggregation,
+        threshold=settings.any_positive_threshold,
     )
     groups = folds.set_index("image_id")["group"]
     classes = sorted(folds["label"].astype(str).unique())
@@ -147,9 +174,9 @@ def score_predictions(
                 preds,
                 groups,
                 positive_label=positive_label,
-                n_boot=n_boot,
-                seed=bootstrap_seed,
-                level=ci_level,
+                n_boot=settings.n_boot,
+                seed=settings.bootstrap_seed,
+                level=settings.ci_level,
             ).assign(level=level)
         )
         per_class.append(
@@ -166,3 +193,37 @@ def score_predictions(
         metrics=table,
         metrics_per_class=per_class_table,
     )
+
+
+def write_evaluation(
+    result: Evaluation,
+    paths: Mapping[str, str | Path],
+    *,
+    keys: Mapping[str, str],
+    keyed_predictions: bool = False,
+) -> None:
+    """Write an evaluation's tables to the paths named after them.
+
+    Parameters
+    ----------
+    result : Evaluation
+        The tables to write.
+    paths : mapping of str to path
+        ``metrics``, ``roi_predictions``, ``image_predictions`` and, where it
+        is written, ``metrics_per_class`` (e.g. a rule's output); other
+        entries are ignored.
+    keys : mapping of str to str
+        Columns that name the result (``dataset, encoder``, or ``train, test,
+        encoder``), put first in the metric tables.
+    keyed_predictions : bool
+        Also append ``keys`` to the prediction tables (cross-dataset results,
+        whose predictions are gathered across pairs).
+    """
+    paths = dict(paths)
+    for name in ("metrics", "metrics_per_class"):
+        if name in paths:
+            table = getattr(result, name)
+            write_table(table.assign(**keys)[[*keys, *table.columns]], paths[name])
+    for name in ("roi_predictions", "image_predictions"):
+        table = getattr(result, name)
+        write_table(table.assign(**keys) if keyed_predictions else table, paths[name])
