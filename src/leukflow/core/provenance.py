@@ -15,32 +15,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import subprocess
 from collections.abc import Mapping
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 import leukflow
+from leukflow.core.runlog import package_versions
 from leukflow.data.io import atomic_path
 
 PROVENANCE_FILE = "provenance.json"
-
-PACKAGES = [
-    "numpy",
-    "scipy",
-    "pandas",
-    "scikit-learn",
-    "scikit-image",
-    "dask",
-    "zarr",
-    "torch",
-    "torchvision",
-    "snakemake",
-]
 
 
 def git_commit(source_dir: str | Path) -> str:
@@ -57,17 +43,6 @@ def git_commit(source_dir: str | Path) -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{commit}-dirty" if dirty else commit
-
-
-def package_versions() -> dict[str, str]:
-    """Return the versions of Python and of the packages that compute."""
-    versions = {"python": platform.python_version()}
-    for package in PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "absent"
-    return versions
 
 
 def manifest_digest(manifest: pd.DataFrame) -> dict[str, Any]:
