@@ -17,7 +17,8 @@ import yaml
 
 from leukflow.data.datasets import IMAGE_SUFFIXES
 
-SCHEMA_PATH = Path(__file__).resolve().parents[3] / "workflow" / "schemas" / "config.schema.yaml"
+#: The config schema, shipped inside the package (an installed wheel validates too).
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 
 
 class ConfigError(ValueError):
