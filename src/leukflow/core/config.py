@@ -45,7 +45,7 @@ _Validator = _extend_with_defaults(jsonschema.Draft202012Validator)
 def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
     """Read the config schema (YAML)."""
     with open(path) as f:
-        return yaml.safe_load(f)
+        return yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # C: 10x faster
 
 
 def _key_path(parts: Sequence[Any]) -> str:
