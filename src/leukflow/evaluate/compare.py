@@ -14,13 +14,11 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from leukflow.core.figures import subplots
 from leukflow.data.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -136,7 +134,7 @@ def compare_figures(
 def plot_comparison(comparison: pd.DataFrame, path: str | Path) -> None:
     """Paper (star), leaky (orange), grouped (blue) and control figures with their intervals."""
     n = max(len(comparison), 1)
-    fig, ax = plt.subplots(figsize=(8, 2.0 + 0.45 * n))
+    fig, ax = subplots(figsize=(8, 2.0 + 0.45 * n))
     y = np.arange(len(comparison))[::-1]
     sides = [(0.12, "leaky", "tab:orange"), (-0.12, "grouped", "tab:blue")]
     for side, offset, colour in (("cell_only", -0.24, "tab:green"),

@@ -14,13 +14,11 @@ import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from leukflow.core.figures import subplots
 from leukflow.data.io import atomic_path
 from leukflow.evaluate.classifiers import fit_predict_folds
 from leukflow.evaluate.folds import TRAIN_ONLY
@@ -234,7 +232,7 @@ def plot_cross_matrix(
     panels = list(rows.groupby(["encoder", "classifier"], sort=True).groups) or [("", "")]
     datasets = sorted(set(rows["train"]) | set(rows["test"]))
     n = len(datasets)
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         1, len(panels), figsize=(1.2 + (0.9 * n + 1.2) * len(panels), 1.6 + 0.8 * n),
         squeeze=False,
     )  # fmt: skip

@@ -15,15 +15,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import ConfusionMatrixDisplay, roc_auc_score, roc_curve
 
+from leukflow.core.figures import subplots
 from leukflow.data.io import atomic_path
 
 if TYPE_CHECKING:
@@ -71,9 +69,7 @@ def plot_confusion(
     multi = len(classes) > 2
     rows = 2 if multi else 1
     side = max(5.0, 0.75 * len(classes) + 2.5) if multi else 5.0
-    fig, axes = plt.subplots(
-        rows, len(levels), figsize=(side * len(levels), 4 * rows), squeeze=False
-    )
+    fig, axes = subplots(rows, len(levels), figsize=(side * len(levels), 4 * rows), squeeze=False)
     for ax, (level, preds) in zip(axes[0], levels.items(), strict=True):
         truth = preds["label"].where(preds["label"] == positive_label, negative)
         called = preds["pred"].where(preds["pred"] == positive_label, negative)
@@ -111,7 +107,7 @@ def plot_roc(
     title, positive_label, path
         See :func:`plot_confusion`.
     """
-    fig, axes = plt.subplots(1, len(levels), figsize=(4.6 * len(levels), 4.4), squeeze=False)
+    fig, axes = subplots(1, len(levels), figsize=(4.6 * len(levels), 4.4), squeeze=False)
     for ax, (level, preds) in zip(axes[0], levels.items(), strict=True):
         y = (preds["label"] == positive_label).to_numpy()
         ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1)
@@ -166,7 +162,7 @@ def plot_calibration(
     n_bins : int
         Equal-width score bins; empty bins are not drawn.
     """
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         2,
         len(levels),
         figsize=(4.6 * len(levels), 5.6),
@@ -231,7 +227,7 @@ def plot_wbc_counts(
     bins = np.arange(0, (counts.max() if len(counts) else 0) + 2) - 0.5
     truth = (images["label"] == positive_label).to_numpy()
     called = (images["pred"] == positive_label).to_numpy()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = subplots(1, 2, figsize=(11, 4.2))
     by_class = {
         str(c): counts[(images["label"] == c).to_numpy()]
         for c in sorted(images["label"].astype(str).unique())
@@ -308,7 +304,7 @@ def plot_history(history: pd.DataFrame, *, title: str, path: str | Path) -> None
     ``history`` has :data:`leukflow.learn.train.HISTORY_COLUMNS`; an encoder that was
     not trained (``frozen``, ``hog``) has no rows and gets a figure saying so.
     """
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    fig, axes = subplots(1, 2, figsize=(8, 3.2))
     if history.empty:
         for ax in axes:
             ax.text(0.5, 0.5, "not trained (frozen)", ha="center", va="center")
@@ -333,7 +329,7 @@ def plot_k_scores(table: pd.DataFrame, *, title: str, path: str | Path) -> None:
     ``table`` is :func:`leukflow.segment.summarise_k_scores`'s; an empty one
     (kmeans did not meet expert masks) gets a figure saying so.
     """
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = subplots(figsize=(5, 3.2))
     if table.empty:
         ax.text(0.5, 0.5, "no k selection: kmeans did not meet expert masks",
                 ha="center", va="center", fontsize=9)  # fmt: skip
