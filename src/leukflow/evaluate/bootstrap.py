@@ -74,16 +74,47 @@ def bootstrap_metrics(
     g, _ = pd.factorize(np.asarray(groups))
     n_groups = int(g.max()) + 1 if len(g) else 0
     if n_groups == 0:
-        return pd.DataFrame(
-            {
-                "metric": METRICS,
-                "estimate": [point[m] for m in METRICS],
-                "ci_low": np.nan,
-                "ci_high": np.nan,
-            }
-        )
-    y = labels == positive_label
-    p = preds == positive_label
+        return _interval_table(point, np.nan, np.nan)
+    counts, pos, neg = _group_tables(labels == positive_label, preds == positive_label, scores, g)
+    rng = np.random.default_rng(seed)
+    samples = []
+    for start in range(0, n_boot, block):
+        size = min(block, n_boot - start)
+        draws = rng.multinomial(n_groups, np.full(n_groups, 1 / n_groups), size=size)
+        w = draws.astype(float)
+        samples.append(_weighted_metrics(w @ counts.T, (pos.T @ w.T).T, (neg.T @ w.T).T))
+    values = np.concatenate(samples)  # (n_boot, len(METRICS))
+    tail = (1 - level) / 2 * 100
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN metric: NaN interval
+        low, high = np.nanpercentile(values, [tail, 100 - tail], axis=0)
+    return _interval_table(point, low, high)
+
+
+def _interval_table(
+    point: dict, low: np.ndarray | float, high: np.ndarray | float
+) -> pd.DataFrame:
+    """``metric, estimate, ci_low, ci_high``, one row per metric."""
+    return pd.DataFrame(
+        {
+            "metric": METRICS,
+            "estimate": [point[m] for m in METRICS],
+            "ci_low": low,
+            "ci_high": high,
+        }
+    )
+
+
+def _group_tables(
+    y: np.ndarray, p: np.ndarray, scores: np.ndarray, g: np.ndarray
+) -> tuple[np.ndarray, csr_matrix, csr_matrix]:
+    """Sum per group what a bootstrap sample weights by the group's draw count.
+
+    Returns ``(6, n_groups)`` tn, fp, fn, tp, n and squared-error sums per
+    group, and ``(n_groups, n_scores)`` positives and negatives per group at
+    each distinct score, scores ascending.
+    """
+    n_groups = int(g.max()) + 1
 
     def per_group(x: np.ndarray) -> np.ndarray:
         return np.bincount(g, weights=x.astype(float), minlength=n_groups)
@@ -98,31 +129,11 @@ def bootstrap_metrics(
             per_group((scores - y) ** 2),
         ]
     )
-    # Positives and negatives per (group, distinct score), scores ascending.
     _, u = np.unique(scores, return_inverse=True)
     n_u = int(u.max()) + 1
     pos = csr_matrix((np.ones(y.sum()), (g[y], u[y])), shape=(n_groups, n_u))
     neg = csr_matrix((np.ones((~y).sum()), (g[~y], u[~y])), shape=(n_groups, n_u))
-    rng = np.random.default_rng(seed)
-    samples = []
-    for start in range(0, n_boot, block):
-        size = min(block, n_boot - start)
-        draws = rng.multinomial(n_groups, np.full(n_groups, 1 / n_groups), size=size)
-        w = draws.astype(float)
-        samples.append(_weighted_metrics(w @ counts.T, (pos.T @ w.T).T, (neg.T @ w.T).T))
-    values = np.concatenate(samples)  # (n_boot, len(METRICS))
-    tail = (1 - level) / 2 * 100
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN metric: NaN interval
-        low, high = np.nanpercentile(values, [tail, 100 - tail], axis=0)
-    return pd.DataFrame(
-        {
-            "metric": METRICS,
-            "estimate": [point[m] for m in METRICS],
-            "ci_low": low,
-            "ci_high": high,
-        }
-    )
+    return counts, pos, neg
 
 
 def _weighted_metrics(counts: np.ndarray, pos: np.ndarray, neg: np.ndarray) -> np.ndarray:

@@ -215,7 +215,6 @@ def fit_predict_folds(
         Only with ``return_models``: (classifier, fold) -> fitted pipeline.
     """
     labels = sorted(map(str, rois["label"].unique()))
-    proba_cols = [PROBA_PREFIX + str(label) for label in labels]
     out, models = [], {}
     for fold, emb in sorted(embeddings.items()):
         if len(emb) != len(rois):
@@ -239,23 +238,50 @@ def fit_predict_folds(
                 inner_folds=inner_folds,
             )
             models[(name, fold)] = clf
-            if not test.any():
-                continue
-            classes = [str(c) for c in clf.classes_]
-            proba = clf.predict_proba(emb[test])
-            full = np.zeros((int(test.sum()), len(labels)))
-            for j, c in enumerate(classes):
-                full[:, labels.index(c)] = proba[:, j]
-            score = proba[:, classes.index(positive_label)] if positive_label in classes else 0.0
-            out.append(
-                rois.loc[test, ["roi_id", "image_id", "label"]]
-                .assign(classifier=name, fold=fold, pred=clf.predict(emb[test]), score=score)
-                .reset_index(drop=True)
-                .join(pd.DataFrame(full, columns=proba_cols))
-            )
-    cols = ["classifier", "fold", "roi_id", "image_id", "label", "pred", "score", *proba_cols]
-    preds = pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
+            if test.any():
+                out.append(
+                    _test_rows(rois, test, name, fold, clf.predict(emb[test]),
+                               clf.predict_proba(emb[test]), [str(c) for c in clf.classes_],
+                               labels, positive_label)
+                )  # fmt: skip
+    preds = _concat_rows(out, labels)
     return (preds, models) if return_models else preds
+
+
+def _test_rows(
+    rois: pd.DataFrame,
+    test: np.ndarray,
+    name: str,
+    fold: int,
+    pred: np.ndarray,
+    proba: np.ndarray,
+    classes: list[str],
+    labels: list[str],
+    positive_label: str,
+) -> pd.DataFrame:
+    """ROI prediction rows of one model's test ROIs.
+
+    ``proba``'s columns (``classes``) are spread onto one ``proba_<label>``
+    column per label of ``labels`` (0 for a label the model does not know).
+    """
+    full = np.zeros((int(test.sum()), len(labels)))
+    for j, c in enumerate(classes):
+        if c in labels:
+            full[:, labels.index(c)] = proba[:, j]
+    score = proba[:, classes.index(positive_label)] if positive_label in classes else 0.0
+    return (
+        rois.loc[test, ["roi_id", "image_id", "label"]]
+        .assign(classifier=name, fold=fold, pred=pred, score=score)
+        .reset_index(drop=True)
+        .join(pd.DataFrame(full, columns=[PROBA_PREFIX + label for label in labels]))
+    )
+
+
+def _concat_rows(parts: list[pd.DataFrame], labels: list[str]) -> pd.DataFrame:
+    """Stack ROI prediction rows in the columns of :func:`fit_predict_folds`."""
+    proba_cols = [PROBA_PREFIX + label for label in labels]
+    cols = ["classifier", "fold", "roi_id", "image_id", "label", "pred", "score", *proba_cols]
+    return pd.concat(parts, ignore_index=True)[cols] if parts else pd.DataFrame(columns=cols)
 
 
 def head_predictions(
@@ -290,7 +316,6 @@ def head_predictions(
     """
     labels = sorted(map(str, rois["label"].unique()))
     classes = [str(c) for c in classes]
-    proba_cols = [PROBA_PREFIX + label for label in labels]
     out = []
     for fold, p in sorted(probs.items()):
         p = np.asarray(p, dtype=float)
@@ -300,26 +325,12 @@ def head_predictions(
                 f"expected ({len(rois)}, {len(classes)}) for the ROIs and classes {classes}"
             )
         test = (rois["fold"] == fold).to_numpy()
-        if not test.any():
-            continue
-        full = np.zeros((int(test.sum()), len(labels)))
-        for j, c in enumerate(classes):
-            if c in labels:
-                full[:, labels.index(c)] = p[test, j]
-        score = p[test, classes.index(positive_label)] if positive_label in classes else 0.0
-        out.append(
-            rois.loc[test, ["roi_id", "image_id", "label"]]
-            .assign(
-                classifier=name,
-                fold=fold,
-                pred=np.asarray(classes)[p[test].argmax(1)],
-                score=score,
+        if test.any():
+            pred = np.asarray(classes)[p[test].argmax(1)]
+            out.append(
+                _test_rows(rois, test, name, fold, pred, p[test], classes, labels, positive_label)
             )
-            .reset_index(drop=True)
-            .join(pd.DataFrame(full, columns=proba_cols))
-        )
-    cols = ["classifier", "fold", "roi_id", "image_id", "label", "pred", "score", *proba_cols]
-    return pd.concat(out, ignore_index=True)[cols] if out else pd.DataFrame(columns=cols)
+    return _concat_rows(out, labels)
 
 
 def vote_predictions(

@@ -109,26 +109,32 @@ def compare_figures(
                 encoder = entry["encoder"]
                 if side == "grouped" and entry.get("honest_encoder"):
                     encoder = entry["honest_encoder"]
-                key = (by_protocol.get(side), encoder, entry["classifier"], entry["level"],
-                       entry["metric"])  # fmt: skip
-                found = pooled.loc[key] if key in pooled.index else None
-                name = "leaky" if side == "random" else "grouped"
-                for col, src in ((name, "value"), (f"{name}_ci_low", "ci_low"),
-                                 (f"{name}_ci_high", "ci_high")):  # fmt: skip
-                    row[col] = np.nan if found is None else float(found[src])
+                found = _find(pooled, by_protocol.get(side), encoder, entry)
+                _put(row, "leaky" if side == "random" else "grouped", found)
                 if side == "grouped":
                     row["grouped_is_honest"] = found is not None and not bool(found["leaky"])
             for control, (of, kind) in (controls or {}).items():
                 if of != base:
                     continue
-                key = (control, entry.get("honest_encoder") or entry["encoder"],
-                       entry["classifier"], entry["level"], entry["metric"])  # fmt: skip
-                found = pooled.loc[key] if key in pooled.index else None
-                for col, src in ((kind, "value"), (f"{kind}_ci_low", "ci_low"),
-                                 (f"{kind}_ci_high", "ci_high")):  # fmt: skip
-                    row[col] = np.nan if found is None else float(found[src])
+                encoder = entry.get("honest_encoder") or entry["encoder"]
+                _put(row, kind, _find(pooled, control, encoder, entry))
             rows.append(row)
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _find(
+    pooled: pd.DataFrame, dataset: str | None, encoder: str, entry: Mapping
+) -> pd.Series | None:
+    """Find the pooled metric row of a dataset and encoder for an entry's model, or None."""
+    key = (dataset, encoder, entry["classifier"], entry["level"], entry["metric"])
+    return pooled.loc[key] if key in pooled.index else None
+
+
+def _put(row: dict, name: str, found: pd.Series | None) -> None:
+    """Set ``name``, ``name_ci_low`` and ``name_ci_high`` of ``row`` (NaN when not found)."""
+    for col, src in ((name, "value"), (f"{name}_ci_low", "ci_low"),
+                     (f"{name}_ci_high", "ci_high")):  # fmt: skip
+        row[col] = np.nan if found is None else float(found[src])
 
 
 def plot_comparison(comparison: pd.DataFrame, path: str | Path) -> None:

@@ -131,26 +131,7 @@ def evaluate_cross(
         When the embeddings and ROI tables disagree in length, or an image is
         in both datasets.
     """
-    for name, emb, rois in (("train", train_embeddings, train_rois),
-                            ("test", test_embeddings, test_rois)):  # fmt: skip
-        if len(emb) != len(rois):
-            raise ValueError(
-                f"evaluate_cross: {len(emb)} {name} embeddings for {len(rois)} {name} ROIs"
-            )
-    shared = set(train_rois["image_id"]) & set(test_images["image_id"])
-    if shared:
-        raise ValueError(
-            f"evaluate_cross: {len(shared)} images are in both the train and the test "
-            f"dataset, e.g. {sorted(shared)[0]!r}; expected two distinct datasets"
-        )
-    missing = set(train_rois["label"]) - set(test_images["label"])
-    if missing:
-        log.info("evaluate_cross: training labels %s are absent from the test dataset",
-                 sorted(map(str, missing)))  # fmt: skip
-    unseen = set(test_images["label"]) - set(train_rois["label"])
-    if unseen:
-        log.warning("evaluate_cross: test labels %s are absent from the training dataset "
-                    "and are never predicted", sorted(map(str, unseen)))  # fmt: skip
+    _check_cross(train_embeddings, train_rois, test_embeddings, test_rois, test_images)
     cols = ["roi_id", "image_id", "label"]
     rois = pd.concat(
         [
@@ -175,6 +156,36 @@ def evaluate_cross(
     out = score_predictions(roi_preds, images, settings)
     out.models = models
     return out
+
+
+def _check_cross(
+    train_embeddings: np.ndarray,
+    train_rois: pd.DataFrame,
+    test_embeddings: np.ndarray,
+    test_rois: pd.DataFrame,
+    test_images: pd.DataFrame,
+) -> None:
+    """Refuse misaligned tables and shared images; say which labels one side lacks."""
+    for name, emb, rois in (("train", train_embeddings, train_rois),
+                            ("test", test_embeddings, test_rois)):  # fmt: skip
+        if len(emb) != len(rois):
+            raise ValueError(
+                f"evaluate_cross: {len(emb)} {name} embeddings for {len(rois)} {name} ROIs"
+            )
+    shared = set(train_rois["image_id"]) & set(test_images["image_id"])
+    if shared:
+        raise ValueError(
+            f"evaluate_cross: {len(shared)} images are in both the train and the test "
+            f"dataset, e.g. {sorted(shared)[0]!r}; expected two distinct datasets"
+        )
+    missing = set(train_rois["label"]) - set(test_images["label"])
+    if missing:
+        log.info("evaluate_cross: training labels %s are absent from the test dataset",
+                 sorted(map(str, missing)))  # fmt: skip
+    unseen = set(test_images["label"]) - set(train_rois["label"])
+    if unseen:
+        log.warning("evaluate_cross: test labels %s are absent from the training dataset "
+                    "and are never predicted", sorted(map(str, unseen)))  # fmt: skip
 
 
 def summarise_cross(metrics: pd.DataFrame) -> pd.DataFrame:
