@@ -23,11 +23,7 @@ result = score_predictions(
     votes, folds.assign(leaky=folds["leaky"] | leaky), ScoringSettings.from_params(p)
 )
 write_evaluation(result, out, keys={"dataset": dataset, "encoder": "ensemble"})
-plot_classifier(
-    result,
-    dict(zip(p.plot_kinds, out.plots, strict=True)),
-    classifier=ensemble,
-    title=f"{dataset} / {ensemble} ({p.vote} vote)",
-    positive_label=p.positive_label,
-)
+plot_classifier(result, dict(zip(p.plot_kinds, out.plots, strict=True)), classifier=ensemble,
+                title=f"{dataset} / {ensemble} ({p.vote} vote)",
+                positive_label=p.positive_label)  # fmt: skip
 log.info("%s vote of %s on %d test ROIs", p.vote, list(p.members), len(votes))

@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 from sklearn.pipeline import Pipeline
 
-from leukflow.data.io import write_table
+from leukflow.data.io import embeddings_attrs, read_table, write_table
 from leukflow.evaluate.bootstrap import CI_COLUMNS, score_pooled
 from leukflow.evaluate.classifiers import fit_predict_folds
-from leukflow.evaluate.folds import check_no_leakage
+from leukflow.evaluate.folds import check_no_leakage, label_rois
 from leukflow.evaluate.images import aggregate_images
 from leukflow.evaluate.metrics import COUNTS, METRICS, score_folds
 from leukflow.evaluate.per_class import score_folds_per_class
@@ -227,3 +227,33 @@ def write_evaluation(
     for name in ("roi_predictions", "image_predictions"):
         table = getattr(result, name)
         write_table(table.assign(**keys) if keyed_predictions else table, paths[name])
+
+
+def read_scoring_inputs(
+    folds: str | Path, ids: str | Path, store: str | Path, dataset: str
+) -> tuple[pd.DataFrame, pd.DataFrame, list[int]]:
+    """Read what scoring one dataset's encoder needs.
+
+    Parameters
+    ----------
+    folds, ids, store : str or Path
+        folds.csv, the encoder's ROI table (``<encoder>_rois.parquet``) and
+        its embedding store.
+    dataset : str
+        The dataset scored.
+
+    Returns
+    -------
+    folds : pandas.DataFrame
+        The dataset's rows of folds.csv, ``leaky`` also where the encoder was
+        trained on every ROI (``training: all_labels``: it has seen the test ROIs).
+    rois : pandas.DataFrame
+        The ROIs with label and fold (:func:`leukflow.evaluate.folds.label_rois`).
+    test_folds : list of int
+        The test folds (a holdout's training-only fold -1 left out).
+    """
+    table = read_table(folds)
+    table = table[table["dataset"] == dataset]
+    table = table.assign(leaky=table["leaky"] | embeddings_attrs(store)["leaky"])
+    test_folds = sorted(int(k) for k in table["fold"].unique() if k >= 0)
+    return table, label_rois(read_table(ids), table), test_folds
