@@ -18,11 +18,8 @@ if not workflow.overwrite_configfiles:
 
 # Unknown keys, wrong types and missing dataset folders stop the run here,
 # before any job starts; every key left out gets its documented default.
-validate_config(
-    config,
-    sources=workflow.overwrite_configfiles or workflow.configfiles,
-    schema_path=workflow.source_path("workflow/schemas/config.schema.yaml"),
-)
+# The schema ships with the library: src/leukflow/core/config.schema.yaml.
+validate_config(config, sources=workflow.overwrite_configfiles or workflow.configfiles)
 
 
 # `snakemake --report report.html`: the outputs marked report() in the rules,

@@ -115,10 +115,22 @@ def test_controls_run_end_to_end_into_metrics_and_comparison(tmp_path):
     assert copy.rename(lambda i: i.replace("demo_cell_only", "demo")).equals(base)
     comparison = pd.read_csv(out / "comparison.csv")
     pooled = metrics[(metrics["fold"] == "pooled") & (metrics["metric"] == "accuracy")]
+    # one model (cnn encoder, knn) on one dataset: a row per level, never an empty table
+    assert sorted(zip(comparison["dataset"], comparison["level"], strict=True)) == [
+        ("demo", "image"), ("demo", "roi"),
+    ]  # fmt: skip
     for row in comparison.itertuples():
-        for kind in ("cell_only", "background_only"):
-            want = pooled[(pooled["control"] == kind) & (pooled["level"] == row.level)]
-            assert getattr(row, kind) == pytest.approx(want["accuracy"].iloc[0])
+        model = (
+            (pooled["level"] == row.level)
+            & (pooled["encoder"] == row.encoder)
+            & (pooled["classifier"] == row.classifier)
+        )
+        for kind, column in (("none", "grouped"), ("cell_only", "cell_only"),
+                             ("background_only", "background_only")):  # fmt: skip
+            want = pooled[model & (pooled["control"] == kind)]
+            assert len(want) == 1, (kind, row.level)
+            assert getattr(row, column) == pytest.approx(want["accuracy"].iloc[0])
+            assert getattr(row, f"{column}_ci_low") == pytest.approx(want["ci_low"].iloc[0])
     crops = zarr.open_array(str(out / "segment" / "demo_cell_only" / "crops.zarr"), mode="r")
     base_crops = zarr.open_array(str(out / "segment" / "demo" / "crops.zarr"), mode="r")
     assert crops.shape == base_crops.shape

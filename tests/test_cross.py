@@ -18,6 +18,7 @@ from leukflow.evaluate.cross import (
     shared_images,
     summarise_cross,
 )
+from leukflow.evaluate.scoring import ScoringSettings
 from leukflow.learn.train import training_rows
 
 KNN = {"knn": {"n_neighbors": 1}}
@@ -51,8 +52,8 @@ def _test():
 
 
 def _cross(**kw):
-    return evaluate_cross(*_train(), *_test(), classifiers=KNN, positive_label="ALL",
-                          n_boot=200, **kw)  # fmt: skip
+    return evaluate_cross(*_train(), *_test(), classifiers=KNN,
+                          settings=ScoringSettings("ALL", n_boot=200), **kw)  # fmt: skip
 
 
 def _pooled(result, level, metric):
@@ -82,15 +83,15 @@ def test_cross_labels_absent_from_the_train_dataset_do_not_crash():
     emb, rois, images = _test()
     rois.loc[3, "label"] = images.loc[3, "label"] = "L3"
     result = evaluate_cross(*_train(), emb, rois, images, classifiers=KNN,
-                            positive_label="ALL", n_boot=50)  # fmt: skip
+                            settings=ScoringSettings("ALL", n_boot=50))  # fmt: skip
     preds = result.roi_predictions
     assert "L3" not in set(preds["pred"])
     assert (preds["proba_L3"] == 0).all()
     # without the positive label in training, every score is 0
     emb_t, rois_t = _train()
     rois_t["label"] = ["HEM", "HEM", "L1", "L1"]
-    result = evaluate_cross(emb_t, rois_t, *_test(), classifiers=KNN, positive_label="ALL",
-                            n_boot=50)  # fmt: skip
+    result = evaluate_cross(emb_t, rois_t, *_test(), classifiers=KNN,
+                            settings=ScoringSettings("ALL", n_boot=50))  # fmt: skip
     assert (result.roi_predictions["score"] == 0).all()
     assert _pooled(result, "roi", "sensitivity")["sensitivity"] == 0
 
@@ -98,12 +99,12 @@ def test_cross_labels_absent_from_the_train_dataset_do_not_crash():
 def test_cross_refuses_mismatched_rows_and_shared_images():
     emb, rois = _train()
     with pytest.raises(ValueError, match="3 train embeddings for 4 train ROIs"):
-        evaluate_cross(emb[:3], rois, *_test(), classifiers=KNN, positive_label="ALL")
+        evaluate_cross(emb[:3], rois, *_test(), classifiers=KNN, settings=ScoringSettings("ALL"))
     t_emb, t_rois, t_images = _test()
     t_images.loc[0, "image_id"] = "a/0"
     with pytest.raises(ValueError, match="1 images are in both"):
         evaluate_cross(emb, rois, t_emb, t_rois, t_images, classifiers=KNN,
-                       positive_label="ALL")  # fmt: skip
+                       settings=ScoringSettings("ALL"))  # fmt: skip
 
 
 def test_shared_images_finds_copies_across_datasets_by_content_not_name():

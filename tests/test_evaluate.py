@@ -1,4 +1,5 @@
-"""Tests of classifiers and metrics (leukflow.evaluate.classify)."""
+"""Tests of classifiers, model files and metrics (leukflow.evaluate: classifiers, model_files,
+images, metrics, bootstrap, per_class, scoring)."""
 
 import logging
 import math
@@ -20,28 +21,26 @@ from sklearn.preprocessing import FunctionTransformer, StandardScaler
 from sklearn.svm import LinearSVC
 
 from leukflow.data.io import InvalidInputError
-from leukflow.evaluate import classify as evaluate
-from leukflow.evaluate.classify import (
-    CI_COLUMNS,
-    COUNTS,
-    METRICS,
-    aggregate_images,
-    binary_metrics,
-    bootstrap_metrics,
-    evaluate_embeddings,
+from leukflow.evaluate import bootstrap
+from leukflow.evaluate import classifiers as fitting
+from leukflow.evaluate.bootstrap import CI_COLUMNS, bootstrap_metrics, score_pooled
+from leukflow.evaluate.classifiers import (
     fit_predict_folds,
     head_predictions,
-    load_model,
     make_classifier,
-    per_class_metrics,
-    save_model,
-    score_folds,
-    score_folds_per_class,
-    score_pooled,
-    score_predictions,
     vote_predictions,
 )
 from leukflow.evaluate.folds import LeakageError
+from leukflow.evaluate.images import aggregate_images
+from leukflow.evaluate.metrics import COUNTS, METRICS, binary_metrics, score_folds
+from leukflow.evaluate.model_files import load_model, save_model
+from leukflow.evaluate.per_class import per_class_metrics, score_folds_per_class
+from leukflow.evaluate.scoring import (
+    ScoringSettings,
+    evaluate_embeddings,
+    score_predictions,
+    write_evaluation,
+)
 
 POS, NEG = "ALL", "HEM"
 CLASSIFIERS = {
@@ -382,7 +381,7 @@ def test_fit_predict_folds_predicts_each_roi_once_on_its_own_fold():
 def test_fit_predict_folds_never_trains_on_test_rois(monkeypatch):
     rois, embeddings = _blobs()
     fits = []
-    real = evaluate.make_classifier
+    real = fitting.make_classifier
 
     def spy(name, params):
         pipe = real(name, params)
@@ -395,7 +394,7 @@ def test_fit_predict_folds_never_trains_on_test_rois(monkeypatch):
         pipe.fit = recording_fit
         return pipe
 
-    monkeypatch.setattr(evaluate, "make_classifier", spy)
+    monkeypatch.setattr(fitting, "make_classifier", spy)
     preds = fit_predict_folds(
         embeddings, rois, classifiers={"knn": {"n_neighbors": 3}}, positive_label=POS
     )
@@ -504,7 +503,7 @@ def test_make_classifier_optional_pca():
 def test_fit_predict_folds_with_pca_larger_than_the_data(caplog):
     rois, embeddings = _blobs(dim=8)
     classifiers = {"knn": {"n_neighbors": 3, "pca_components": 50}}
-    with caplog.at_level(logging.WARNING, logger="leukflow.evaluate.classify"):
+    with caplog.at_level(logging.WARNING, logger="leukflow.evaluate.classifiers"):
         preds, models = fit_predict_folds(
             embeddings, rois, classifiers=classifiers, positive_label=POS, return_models=True
         )
@@ -667,7 +666,7 @@ def test_bootstrap_samples_match_sklearn_with_group_weights():
     neg = np.zeros((30, len(levels)))
     np.add.at(pos, (group[y], u[y]), 1)
     np.add.at(neg, (group[~y], u[~y]), 1)
-    got = evaluate._weighted_metrics(weights @ counts.T, weights @ pos, weights @ neg)
+    got = bootstrap._weighted_metrics(weights @ counts.T, weights @ pos, weights @ neg)
     for b, w in enumerate(weights):
         rows = w[group]  # a group drawn twice counts twice
         expected = {
@@ -848,7 +847,7 @@ def test_evaluate_embeddings_tables_and_leaky_flag(leaky):
     folds = _folds_of(rois, leaky)
     classifiers = {"knn": {"n_neighbors": 3}, "logistic_regression": {"C": 1.0, "max_iter": 500}}
     out = evaluate_embeddings(
-        embeddings, rois, folds, classifiers=classifiers, positive_label=POS, n_boot=200
+        embeddings, rois, folds, classifiers=classifiers, settings=ScoringSettings(POS, n_boot=200)
     )
     for table in (out.roi_predictions, out.image_predictions, out.metrics, out.metrics_per_class):
         assert (table["leaky"] == leaky).all()
@@ -878,17 +877,25 @@ def test_evaluate_embeddings_checks_leakage_before_any_fit(monkeypatch):
     folds.loc[folds.index[:2], "group"] = "shared"  # one group, two images
     folds.loc[folds.index[:2], "fold"] = [0, 1]  # ...on both sides of fold 0
     fits = []
-    monkeypatch.setattr(evaluate, "make_classifier", lambda *a: fits.append(a))
+    monkeypatch.setattr(fitting, "make_classifier", lambda *a: fits.append(a))
     with pytest.raises(LeakageError, match="group"):
         evaluate_embeddings(
-            embeddings, rois, folds, classifiers={"knn": {"n_neighbors": 3}}, positive_label=POS
+            embeddings,
+            rois,
+            folds,
+            classifiers={"knn": {"n_neighbors": 3}},
+            settings=ScoringSettings(POS),
         )
     assert fits == []
     # the same folds, marked leaky (random protocol), are accepted
     monkeypatch.undo()
     knn = {"knn": {"n_neighbors": 3}}
     out = evaluate_embeddings(
-        embeddings, rois, folds.assign(leaky=True), n_boot=50, classifiers=knn, positive_label=POS
+        embeddings,
+        rois,
+        folds.assign(leaky=True),
+        classifiers=knn,
+        settings=ScoringSettings(POS, n_boot=50),
     )
     assert out.metrics["leaky"].all()
 
@@ -898,7 +905,7 @@ def test_rare_label_does_not_break_the_svms(caplog):
     rois, embeddings = _blobs()
     rois.loc[0, "label"] = "basophil"
     svms = {"svm_rbf": {"C": 1.0}, "svm_linear": {"C": 1.0, "max_iter": 5000}}
-    with caplog.at_level(logging.WARNING, logger="leukflow.evaluate.classify"):
+    with caplog.at_level(logging.WARNING, logger="leukflow.evaluate.classifiers"):
         preds = fit_predict_folds(embeddings, rois, classifiers=svms, positive_label=POS)
     assert "['basophil'] have fewer than 5 training ROIs" in caplog.text
     assert len(preds) == 2 * len(rois)
@@ -1003,7 +1010,7 @@ def test_soft_vote_of_classifiers_scores_like_any_classifier():
     )
     members = {c: preds[preds["classifier"] == c] for c in ("knn", "random_forest")}
     vote = vote_predictions(members, vote="soft", positive_label=POS, name="rf_knn")
-    out = score_predictions(vote, _folds_of(rois), positive_label=POS, n_boot=50)
+    out = score_predictions(vote, _folds_of(rois), ScoringSettings(POS, n_boot=50))
     acc = out.metrics.query("fold == 'pooled' and metric == 'accuracy' and level == 'roi'")
     assert acc["accuracy"].iloc[0] > 0.95
     assert set(out.metrics["classifier"]) == {"rf_knn"}
@@ -1013,15 +1020,15 @@ def test_grid_is_tuned_by_an_inner_grouped_cv_on_training_rois_only(monkeypatch,
     rois, embeddings = _blobs(label_per_image=True)
     rois = rois.assign(group="p" + (rois["image_id"].str[3:].astype(int) // 2).astype(str))
     seen = []
-    real_fit = evaluate.GridSearchCV.fit
+    real_fit = fitting.GridSearchCV.fit
 
     def spy(self, x, y, groups=None):
         seen.append((np.array(x, copy=True), np.asarray(groups)))
         return real_fit(self, x, y, groups=groups)
 
-    monkeypatch.setattr(evaluate.GridSearchCV, "fit", spy)
+    monkeypatch.setattr(fitting.GridSearchCV, "fit", spy)
     knn = {"knn": {"n_neighbors": 5, "grid": {"n_neighbors": [1, 3, 7]}}}
-    with caplog.at_level(logging.INFO, logger="leukflow.evaluate.classify"):
+    with caplog.at_level(logging.INFO, logger="leukflow.evaluate.classifiers"):
         preds, models = fit_predict_folds(
             embeddings, rois, classifiers=knn, positive_label=POS, return_models=True
         )
@@ -1036,8 +1043,8 @@ def test_grid_is_tuned_by_an_inner_grouped_cv_on_training_rois_only(monkeypatch,
 
 
 def test_grid_parameters_of_svms_and_pca():
-    assert evaluate.grid_parameter("svm_rbf", "C") == "model__estimator__C"
-    assert evaluate.grid_parameter("knn", "pca_components") == "pca__n_components"
+    assert fitting.grid_parameter("svm_rbf", "C") == "model__estimator__C"
+    assert fitting.grid_parameter("knn", "pca_components") == "pca__n_components"
     params = {"C": 1, "max_iter": 100, "grid": {"pca_components": [2, 4]}}
     pipe = make_classifier("logistic_regression", params)
     assert pipe.named_steps["pca"].n_components == 2
@@ -1061,7 +1068,7 @@ def test_holdout_training_only_images_are_never_scored():
     folds = _folds_of(rois)
     out = evaluate_embeddings(
         {0: embeddings[0]}, rois, folds, classifiers={"knn": {"n_neighbors": 3}},
-        positive_label=POS, n_boot=50,
+        settings=ScoringSettings(POS, n_boot=50),
     )  # fmt: skip
     assert set(out.roi_predictions["fold"]) == {0}
     assert len(out.roi_predictions) == (rois["fold"] == 0).sum()
@@ -1113,9 +1120,8 @@ def _evaluate_zheng(zheng, label_map, classifiers, positive_label="lymphocyte"):
         rois,
         folds,
         classifiers=classifiers,
-        positive_label=positive_label,
-        image_aggregation="mean_probability",  # one ROI per image: image level = ROI level
-        n_boot=1000,
+        # one ROI per image: image level = ROI level
+        settings=ScoringSettings(positive_label, image_aggregation="mean_probability"),
     )
 
 
@@ -1163,3 +1169,60 @@ def test_real_zheng_five_classes_with_four_basophils(zheng, caplog):
     assert rf.loc["weighted", "recall"] > 0.75  # 5-class accuracy; measured 0.83
     assert rf.loc["neutrophil", "f1"] > 0.85
     assert rf.loc["macro", "f1"] < rf.loc["weighted", "f1"]  # the rare classes are harder
+
+
+# ------------------------------------------------------- settings, writing, plots
+
+
+def test_scoring_settings_from_rule_params_takes_its_six_keys():
+    params = {"positive_label": POS, "image_aggregation": "any_positive",
+              "any_positive_threshold": 0.7, "n_boot": 20, "bootstrap_seed": 3, "ci_level": 0.9,
+              "plot_kinds": ["roc"], "inner_folds": 3}  # fmt: skip
+    settings = ScoringSettings.from_params(params)
+    assert settings == ScoringSettings(POS, "any_positive", 0.7, 20, 3, 0.9)
+    with pytest.raises(KeyError, match=r"missing \['n_boot'\]"):
+        ScoringSettings.from_params({k: v for k, v in params.items() if k != "n_boot"})
+
+
+def test_write_evaluation_puts_keys_first_and_only_on_predictions_when_asked(tmp_path):
+    rois, embeddings = _blobs(label_per_image=True)
+    out = evaluate_embeddings(
+        embeddings, rois, _folds_of(rois), classifiers={"knn": {"n_neighbors": 3}},
+        settings=ScoringSettings(POS, n_boot=20),
+    )  # fmt: skip
+    names = ("metrics", "metrics_per_class", "roi_predictions", "image_predictions")
+    paths = {n: tmp_path / f"{n}.csv" for n in names} | {"models": ["ignored.skops"]}
+    write_evaluation(out, paths, keys={"dataset": "d", "encoder": "e"})
+    metrics = pd.read_csv(paths["metrics"])
+    assert list(metrics.columns[:4]) == ["dataset", "encoder", "classifier", "level"]
+    assert (metrics["dataset"] == "d").all()
+    assert len(metrics) == len(out.metrics)
+    per_class = pd.read_csv(paths["metrics_per_class"])
+    assert list(per_class.columns[:2]) == ["dataset", "encoder"]
+    assert list(pd.read_csv(paths["roi_predictions"]).columns) == list(out.roi_predictions.columns)
+    cross = {n: tmp_path / f"cross_{n}.csv" for n in names if n != "metrics_per_class"}
+    write_evaluation(out, cross, keys={"train": "a", "test": "b"}, keyed_predictions=True)
+    images = pd.read_csv(cross["image_predictions"])
+    assert list(images.columns[-2:]) == ["train", "test"]
+    assert (images["test"] == "b").all()
+    assert not (tmp_path / "cross_metrics_per_class.csv").exists()
+
+
+def test_plot_classifier_draws_each_kind_from_its_own_rows(tmp_path, monkeypatch):
+    from leukflow.evaluate import plots
+
+    rois, embeddings = _blobs(label_per_image=True)
+    out = evaluate_embeddings(
+        embeddings, rois, _folds_of(rois), settings=ScoringSettings(POS, n_boot=20),
+        classifiers={"knn": {"n_neighbors": 3}, "random_forest": {"n_estimators": 5, "seed": 0}},
+    )  # fmt: skip
+    drawn = []
+    monkeypatch.setitem(plots.PLOTTERS, "roc", lambda levels, **kw: drawn.append((levels, kw)))
+    paths = {"roc": tmp_path / "knn_roc.png", "confusion": tmp_path / "knn_confusion.png"}
+    plots.plot_classifier(out, paths, classifier="knn", title="t", positive_label=POS)
+    assert (tmp_path / "knn_confusion.png").stat().st_size > 0
+    (levels, kw), = drawn  # fmt: skip
+    assert kw == {"title": "t", "positive_label": POS, "path": paths["roc"]}
+    assert set(levels["roi"]["classifier"]) == set(levels["image"]["classifier"]) == {"knn"}
+    assert len(levels["roi"]) == len(rois)
+    assert len(levels["image"]) == rois["image_id"].nunique()

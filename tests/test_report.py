@@ -1,5 +1,7 @@
 """Tests of the plots (leukflow.evaluate.plots)."""
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -71,13 +73,47 @@ def test_confusion_adds_multiclass_matrices_for_more_than_two_labels(tmp_path):
     assert w5 > w2  # wider for five labels
 
 
-def test_plots_survive_a_single_class(tmp_path):
-    levels = _levels(labels=("healthy",))
+def test_plots_survive_a_single_class(tmp_path, monkeypatch):
+    from leukflow.evaluate import plots
+
+    figures = {}
+    save = plots._save
+
+    def keep(fig, path):
+        figures[Path(path).name] = fig
+        save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    levels = _levels(labels=("healthy",))  # no ALL anywhere, every call "healthy"
     plot_roc(levels, title="t", positive_label=POS, path=tmp_path / "roc.png")
     plot_calibration(levels, title="t", positive_label=POS, path=tmp_path / "cal.png")
     plot_wbc_counts(levels, title="t", positive_label=POS, path=tmp_path / "wbc.png")
     plot_confusion(levels, title="t", positive_label=POS, path=tmp_path / "cm.png")
-    assert len(list(tmp_path.glob("*.png"))) == 4
+    for name in figures:
+        _png(tmp_path / name)
+    n = {level: len(preds) for level, preds in levels.items()}
+    # ROC: undefined on one class, said on each level's panel
+    roc_texts = [[t.get_text() for t in ax.texts] for ax in figures["roc.png"].axes]
+    assert roc_texts == [["one class only: no ROC"]] * 2
+    # binary confusion matrices: every truth negative, the calls as made
+    for ax, (level, preds) in zip(figures["cm.png"].axes, levels.items(), strict=True):
+        called = int((preds["pred"] == POS).sum())
+        assert [int(t.get_text()) for t in ax.texts] == [n[level] - called, called, 0, 0]
+    # calibration: the Brier score of all-negative truth is the mean squared score
+    cal_legends = [[t.get_text() for t in ax.get_legend().get_texts()]
+                   for ax in figures["cal.png"].axes[: len(levels)]]  # fmt: skip
+    for texts, (level, preds) in zip(cal_legends, levels.items(), strict=True):
+        brier = float(np.mean(preds["score"] ** 2))
+        assert texts == ["perfectly calibrated", f"pooled folds (Brier {brier:.3f})"], level
+    # WBC counts: one true class; image calls split into correct and false ALL
+    images = levels["image"]
+    false_all = int((images["pred"] == POS).sum())
+    by_class, by_call = (
+        [t.get_text() for t in ax.get_legend().get_texts()] for ax in figures["wbc.png"].axes
+    )
+    assert by_class == [f"healthy ({n['image']})"]
+    assert false_all > 0  # the fixture calls some images ALL on their score alone
+    assert by_call == [f"correct ({n['image'] - false_all})", f"false {POS} ({false_all})"]
 
 
 def test_wbc_counts_needs_image_level(tmp_path):

@@ -161,8 +161,8 @@ def test_e2e_pooled_metrics_with_bootstrap_cis_and_per_class_table(e2e_run):
 @pytest.mark.e2e
 def test_e2e_models_are_saved_per_fold_and_load_back(e2e_run):
     _, out = e2e_run
-    from leukflow.evaluate.classify import load_model
     from leukflow.evaluate.folds import label_rois
+    from leukflow.evaluate.model_files import load_model
 
     models = out / "evaluate" / "demo" / "resnet18" / "models"
     names = sorted(p.name for p in models.iterdir())

@@ -3,54 +3,37 @@
 from pathlib import Path
 
 from leukflow.core.runlog import start_log
-from leukflow.data.io import embeddings_attrs, fold_embeddings, read_table, write_table
-from leukflow.evaluate.classify import evaluate_embeddings, save_model
-from leukflow.evaluate.folds import label_rois
-from leukflow.evaluate.plots import PLOTTERS
+from leukflow.data.io import fold_embeddings
+from leukflow.evaluate.model_files import save_model
+from leukflow.evaluate.plots import plot_classifier
+from leukflow.evaluate.scoring import (
+    ScoringSettings,
+    evaluate_embeddings,
+    read_scoring_inputs,
+    write_evaluation,
+)
 
-p, out = snakemake.params, snakemake.output
+p, out, inp = snakemake.params, snakemake.output, snakemake.input
 dataset, encoder = snakemake.wildcards.dataset, snakemake.wildcards.encoder
 log = start_log("fit_classifiers", snakemake.log[0], dict(p))
-folds = read_table(snakemake.input.folds)
-folds = folds[folds["dataset"] == dataset]
-# an encoder trained on every ROI (training: all_labels) makes every result leaky
-folds = folds.assign(leaky=folds["leaky"] | embeddings_attrs(snakemake.input.store)["leaky"])
-rois = label_rois(read_table(snakemake.input.ids), folds)
-test_folds = sorted(int(k) for k in folds["fold"].unique() if k >= 0)  # -1: holdout training
-arrays = fold_embeddings(snakemake.input.store, test_folds)
+folds, rois, test_folds = read_scoring_inputs(inp.folds, inp.ids, inp.store, dataset)
+arrays = fold_embeddings(inp.store, test_folds)
 result = evaluate_embeddings(
     {fold: arr[:] for fold, arr in arrays.items()},
     rois,
     folds,
     classifiers=p.classifiers,
-    positive_label=p.positive_label,
-    image_aggregation=p.image_aggregation,
-    any_positive_threshold=p.any_positive_threshold,
-    n_boot=p.n_boot,
-    bootstrap_seed=p.bootstrap_seed,
-    ci_level=p.ci_level,
+    settings=ScoringSettings.from_params(p),
     inner_folds=p.inner_folds,
 )
-keys = {"dataset": dataset, "encoder": encoder}
-for table, path in (
-    (result.metrics, out.metrics),
-    (result.metrics_per_class, out.metrics_per_class),
-):
-    write_table(table.assign(**keys)[[*keys, *table.columns]], path)
-write_table(result.roi_predictions, out.roi_predictions)
-write_table(result.image_predictions, out.image_predictions)
+write_evaluation(result, out, keys={"dataset": dataset, "encoder": encoder})
 model_paths = {Path(path).stem: path for path in out.models}
 for (clf, fold), model in result.models.items():
     save_model(model, model_paths[f"{clf}_fold_{fold}"])
-for kind in p.plot_kinds:
-    for clf, png in zip(p.classifiers, out[kind], strict=True):
-        PLOTTERS[kind](
-            {"roi": result.roi_predictions.query("classifier == @clf"),
-             "image": result.image_predictions.query("classifier == @clf")},
-            title=f"{dataset} / {encoder} / {clf}",
-            positive_label=p.positive_label,
-            path=png,
-        )  # fmt: skip
+for i, clf in enumerate(p.classifiers):
+    pngs = {kind: out[kind][i] for kind in p.plot_kinds}
+    plot_classifier(result, pngs, classifier=clf, title=f"{dataset} / {encoder} / {clf}",
+                    positive_label=p.positive_label)  # fmt: skip
 pooled = result.metrics.query("fold == 'pooled' and metric in ['accuracy', 'roc_auc']")
 log.info("pooled metrics with %g%% bootstrap CIs:\n%s", 100 * p.ci_level,
          pooled[["classifier", "level", "metric", "accuracy", "roc_auc", "ci_low", "ci_high"]]

@@ -1,9 +1,10 @@
 """Rule fit_cross_classifiers: classifiers fitted on one dataset, scored on another."""
 
 from leukflow.core.runlog import start_log
-from leukflow.data.io import open_embeddings, read_table, write_table
+from leukflow.data.io import open_embeddings, read_table
 from leukflow.evaluate.cross import evaluate_cross, shared_images
 from leukflow.evaluate.folds import label_rois
+from leukflow.evaluate.scoring import ScoringSettings, write_evaluation
 
 p, out, wc = snakemake.params, snakemake.output, snakemake.wildcards
 log = start_log("fit_cross_classifiers", snakemake.log[0], dict(p))
@@ -43,18 +44,11 @@ result = evaluate_cross(
     test_rois,
     test_images,
     classifiers=p.classifiers,
-    positive_label=p.positive_label,
-    image_aggregation=p.image_aggregation,
-    any_positive_threshold=p.any_positive_threshold,
-    n_boot=p.n_boot,
-    bootstrap_seed=p.bootstrap_seed,
-    ci_level=p.ci_level,
+    settings=ScoringSettings.from_params(p),
     inner_folds=p.inner_folds,
 )
-keys = {"train": wc.train, "test": wc.test, "encoder": wc.encoder}
-write_table(result.metrics.assign(**keys)[[*keys, *result.metrics.columns]], out.metrics)
-write_table(result.roi_predictions.assign(**keys), out.roi_predictions)
-write_table(result.image_predictions.assign(**keys), out.image_predictions)
+write_evaluation(result, out, keys={"train": wc.train, "test": wc.test, "encoder": wc.encoder},
+                 keyed_predictions=True)  # fmt: skip
 pooled = result.metrics.query("fold == 'pooled' and metric == 'balanced_accuracy'")
 log.info("%s -> %s, %s: balanced accuracy with %g%% bootstrap CIs:\n%s", wc.train, wc.test,
          wc.encoder, 100 * p.ci_level,

@@ -17,7 +17,8 @@ import yaml
 
 from leukflow.data.io import IMAGE_SUFFIXES
 
-SCHEMA_PATH = Path(__file__).resolve().parents[3] / "workflow" / "schemas" / "config.schema.yaml"
+#: The config schema, shipped inside the package (an installed wheel validates too).
+SCHEMA_PATH = Path(__file__).with_name("config.schema.yaml")
 
 
 class ConfigError(ValueError):
@@ -44,7 +45,7 @@ _Validator = _extend_with_defaults(jsonschema.Draft202012Validator)
 def load_schema(path: str | Path = SCHEMA_PATH) -> dict:
     """Read the config schema (YAML)."""
     with open(path) as f:
-        return yaml.safe_load(f)
+        return yaml.load(f, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # C: 10x faster
 
 
 def _key_path(parts: Sequence[Any]) -> str:

@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import platform
 import re
 import subprocess
 from collections.abc import Mapping
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 import leukflow
+from leukflow.core.runlog import package_versions
 from leukflow.data.io import InvalidInputError, atomic_path
 
 PROVENANCE_FILE = "provenance.json"
@@ -33,19 +32,6 @@ PROVENANCE_FILE = "provenance.json"
 #: results folder made by someone else is untrusted: these names become path
 #: parts under it, so one that could climb out (``../x``) is refused on reading.
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
-
-PACKAGES = [
-    "numpy",
-    "scipy",
-    "pandas",
-    "scikit-learn",
-    "scikit-image",
-    "dask",
-    "zarr",
-    "torch",
-    "torchvision",
-    "snakemake",
-]
 
 
 def git_commit(source_dir: str | Path) -> str:
@@ -62,17 +48,6 @@ def git_commit(source_dir: str | Path) -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return f"{commit}-dirty" if dirty else commit
-
-
-def package_versions() -> dict[str, str]:
-    """Return the versions of Python and of the packages that compute."""
-    versions = {"python": platform.python_version()}
-    for package in PACKAGES:
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            versions[package] = "absent"
-    return versions
 
 
 def manifest_digest(manifest: pd.DataFrame) -> dict[str, Any]:

@@ -16,8 +16,10 @@ from typing import Any
 
 import leukflow
 
+#: The packages that compute: their versions open every log and go into provenance.json.
 PACKAGES = [
     "numpy",
+    "scipy",
     "pandas",
     "scikit-learn",
     "scikit-image",
@@ -25,6 +27,7 @@ PACKAGES = [
     "zarr",
     "torch",
     "torchvision",
+    "snakemake",
 ]
 
 
@@ -59,14 +62,19 @@ def start_log(
         platform.python_version(),
         platform.node(),
     )
-    log.info("packages: %s", ", ".join(f"{p}=={_version(p)}" for p in PACKAGES))
+    versions = package_versions()
+    log.info("packages: %s", ", ".join(f"{p}=={versions[p]}" for p in PACKAGES))
     for key, value in (params or {}).items():
         log.info("param %s = %r", key, value)
     return log
 
 
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "absent"
+def package_versions() -> dict[str, str]:
+    """Return the versions of Python and of :data:`PACKAGES` (``absent`` when not installed)."""
+    versions = {"python": platform.python_version()}
+    for package in PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "absent"
+    return versions

@@ -19,7 +19,7 @@ import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Self
 
 import numpy as np
 import pandas as pd
@@ -442,7 +442,47 @@ def write_crops(crops: np.ndarray, path: str | Path, attrs: Mapping[str, Any]) -
         store.append(crops)
 
 
-class CropStoreWriter:
+class _StagedStore:
+    """A zarr store built under a temporary name and renamed onto ``path`` when complete.
+
+    :meth:`close` (or leaving a ``with`` block without an error) writes what
+    is buffered and renames; :meth:`abort` (or an error in the block) drops
+    the unfinished store, so a killed job leaves no store under its final name
+    that a later run would trust.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
+        self._staged = str(self._tmp / self.path.name)
+
+    def _flush(self) -> None:
+        """Write every buffered row (each writer buffers its own)."""
+
+    def close(self) -> None:
+        """Write what is buffered and move the finished store onto its final name."""
+        self._flush()
+        if self.path.is_dir():
+            shutil.rmtree(self.path)
+        os.replace(self._staged, self.path)
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def abort(self) -> None:
+        """Drop the unfinished store."""
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class CropStoreWriter(_StagedStore):
     """Append ROI crops to a zarr v3 array chunk by chunk, never all in memory.
 
     The store is built under a temporary name and renamed onto ``path`` by
@@ -460,21 +500,23 @@ class CropStoreWriter:
     """
 
     def __init__(self, path: str | Path, roi_size_px: int, attrs: Mapping[str, Any]):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
+        super().__init__(path)
         shape = (0, roi_size_px, roi_size_px, 3)
-        self._array = zarr.create_array(
-            store=str(self._tmp / self.path.name),
-            shape=shape,
-            chunks=(256, *shape[1:]),
-            dtype="uint8",
-            attributes=dict(attrs),
-            zarr_format=3,
+        self._rows = RowAppender(
+            zarr.create_array(
+                store=self._staged,
+                shape=shape,
+                chunks=(256, *shape[1:]),
+                dtype="uint8",
+                attributes=dict(attrs),
+                zarr_format=3,
+            )
         )
-        self.n_rows = 0  # rows written to the array
-        self._pending: list[np.ndarray] = []
-        self._n_pending = 0
+
+    @property
+    def n_rows(self) -> int:
+        """Rows written to the array (buffered ones not yet)."""
+        return self._rows.n_rows
 
     def append(self, crops: np.ndarray) -> None:
         """Add ``(n, S, S, 3)`` uint8 crops after those already written.
@@ -482,45 +524,16 @@ class CropStoreWriter:
         Rows are buffered and written a whole zarr chunk at a time: appending
         to a partly filled chunk would decompress and rewrite it each time.
         """
-        if crops.shape[1:] != self._array.shape[1:] or crops.dtype != np.uint8:
+        shape = self._rows.array.shape
+        if crops.shape[1:] != shape[1:] or crops.dtype != np.uint8:
             raise ValueError(
-                f"CropStoreWriter.append: expected (n, {self._array.shape[1]}, "
-                f"{self._array.shape[2]}, 3) uint8 crops; got {crops.shape} {crops.dtype}"
+                f"CropStoreWriter.append: expected (n, {shape[1]}, "
+                f"{shape[2]}, 3) uint8 crops; got {crops.shape} {crops.dtype}"
             )
-        self._pending.append(crops)
-        self._n_pending += len(crops)
-        if self._n_pending >= self._array.chunks[0]:
-            self._flush()
+        self._rows.append(crops)
 
     def _flush(self) -> None:
-        if not self._n_pending:
-            return
-        block = np.concatenate(self._pending)
-        self._array.resize((self.n_rows + len(block), *self._array.shape[1:]))
-        self._array[self.n_rows :] = block
-        self.n_rows += len(block)
-        self._pending, self._n_pending = [], 0
-
-    def close(self) -> None:
-        """Write what is buffered and move the finished store onto its final name."""
-        self._flush()
-        if self.path.is_dir():
-            shutil.rmtree(self.path)
-        os.replace(self._tmp / self.path.name, self.path)
-        shutil.rmtree(self._tmp, ignore_errors=True)
-
-    def abort(self) -> None:
-        """Drop the unfinished store."""
-        shutil.rmtree(self._tmp, ignore_errors=True)
-
-    def __enter__(self) -> CropStoreWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
+        self._rows.flush()
 
 
 def read_crops(path: str | Path) -> np.ndarray:
@@ -531,7 +544,7 @@ def read_crops(path: str | Path) -> np.ndarray:
 # ---------------------------------------------------------- embedding stores
 
 
-class EmbeddingStoreWriter:
+class EmbeddingStoreWriter(_StagedStore):
     """The one writer of an embedding store: float32 ``(n_rois, dim)`` arrays in a zarr v3 group.
 
     Arrays are filled row block by row block (never whole in memory), chunked
@@ -548,10 +561,8 @@ class EmbeddingStoreWriter:
     """
 
     def __init__(self, path: str | Path, attrs: Mapping[str, Any]):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
-        self.group = zarr.open_group(str(self._tmp / self.path.name), mode="w", zarr_format=3)
+        super().__init__(path)
+        self.group = zarr.open_group(self._staged, mode="w", zarr_format=3)
         self.group.attrs.update(dict(attrs))
         self.arrays: dict[str, RowAppender] = {}
 
@@ -576,31 +587,17 @@ class EmbeddingStoreWriter:
         self.arrays[name] = RowAppender(array)
         return self.arrays[name]
 
-    def close(self) -> None:
-        """Write buffered rows and move the store onto its final name."""
+    def _flush(self) -> None:
         for appender in self.arrays.values():
             appender.flush()
-        if self.path.is_dir():
-            shutil.rmtree(self.path)
-        os.replace(self._tmp / self.path.name, self.path)
-        shutil.rmtree(self._tmp, ignore_errors=True)
-
-    def abort(self) -> None:
-        """Drop the unfinished store."""
-        shutil.rmtree(self._tmp, ignore_errors=True)
-
-    def __enter__(self) -> EmbeddingStoreWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 class RowAppender:
-    """Append rows to a 2-D zarr array a whole chunk at a time."""
+    """Append rows to a zarr array along its first axis, a whole chunk at a time.
+
+    Appending to a partly filled chunk would decompress and rewrite it each
+    time, so rows are buffered until a chunk is full or :meth:`flush`.
+    """
 
     def __init__(self, array: zarr.Array):
         self.array = array
@@ -609,12 +606,12 @@ class RowAppender:
         self._n_pending = 0
 
     def append(self, rows: np.ndarray) -> None:
-        """Add ``(n, dim)`` rows (cast to float32) after those already written."""
-        rows = np.asarray(rows, dtype=np.float32)
-        if rows.ndim != 2 or rows.shape[1] != self.array.shape[1]:
+        """Add rows (cast to the array's dtype) after those already written."""
+        rows = np.asarray(rows, dtype=self.array.dtype)
+        if rows.shape[1:] != self.array.shape[1:]:
+            expected = ", ".join(map(str, self.array.shape[1:]))
             raise ValueError(
-                f"append to {self.array.name}: expected (n, {self.array.shape[1]}) rows; "
-                f"got {rows.shape}"
+                f"append to {self.array.name}: expected (n, {expected}) rows; got {rows.shape}"
             )
         self._pending.append(rows)
         self._n_pending += len(rows)
@@ -626,7 +623,7 @@ class RowAppender:
         if not self._n_pending:
             return
         block = np.concatenate(self._pending)
-        self.array.resize((self.n_rows + len(block), self.array.shape[1]))
+        self.array.resize((self.n_rows + len(block), *self.array.shape[1:]))
         self.array[self.n_rows :] = block
         self.n_rows += len(block)
         self._pending, self._n_pending = [], 0

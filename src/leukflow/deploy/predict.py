@@ -4,7 +4,7 @@ A results folder holds everything needed: ``provenance.json`` (the resolved
 config the run used), one encoder checkpoint per fold
 (``train/<dataset>/<encoder>/fold_<k>.pt``) and one fitted classifier per fold
 (``evaluate/<dataset>/<encoder>/models/<classifier>_fold_<k>.skops``, read
-with :func:`leukflow.evaluate.classify.load_model`, which refuses non-scikit-learn
+with :func:`leukflow.evaluate.model_files.load_model`, which refuses non-scikit-learn
 types). :func:`load_predictor` checks that these files agree with each other
 and with the config before anything is predicted.
 
@@ -14,7 +14,7 @@ ROI's class probabilities are the **mean of the folds' probabilities** (a
 fold whose classifier never saw a label gives it probability 0). The ROI's
 call is the label of highest mean probability. Image-level calls aggregate
 the ROIs exactly as the run did (``evaluation.image_aggregation``, see
-:func:`leukflow.evaluate.classify.aggregate_images`); an image without ROIs is called
+:func:`leukflow.evaluate.images.aggregate_images`); an image without ROIs is called
 negative.
 
 Images are processed in chunks of ``segmentation.chunk_size`` images and at
@@ -49,7 +49,9 @@ from leukflow.data.io import (
     read_image,
     sha256_file,
 )
-from leukflow.evaluate.classify import NO_ROI, PROBA_PREFIX, aggregate_images, load_model
+from leukflow.evaluate.classifiers import PROBA_PREFIX
+from leukflow.evaluate.images import NO_ROI, aggregate_images
+from leukflow.evaluate.model_files import load_model
 from leukflow.segment import SegmentParams, field_rois, segment_field
 
 log = logging.getLogger(__name__)

@@ -14,13 +14,11 @@ import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from leukflow.core.figures import subplots
 from leukflow.data.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -111,32 +109,38 @@ def compare_figures(
                 encoder = entry["encoder"]
                 if side == "grouped" and entry.get("honest_encoder"):
                     encoder = entry["honest_encoder"]
-                key = (by_protocol.get(side), encoder, entry["classifier"], entry["level"],
-                       entry["metric"])  # fmt: skip
-                found = pooled.loc[key] if key in pooled.index else None
-                name = "leaky" if side == "random" else "grouped"
-                for col, src in ((name, "value"), (f"{name}_ci_low", "ci_low"),
-                                 (f"{name}_ci_high", "ci_high")):  # fmt: skip
-                    row[col] = np.nan if found is None else float(found[src])
+                found = _find(pooled, by_protocol.get(side), encoder, entry)
+                _put(row, "leaky" if side == "random" else "grouped", found)
                 if side == "grouped":
                     row["grouped_is_honest"] = found is not None and not bool(found["leaky"])
             for control, (of, kind) in (controls or {}).items():
                 if of != base:
                     continue
-                key = (control, entry.get("honest_encoder") or entry["encoder"],
-                       entry["classifier"], entry["level"], entry["metric"])  # fmt: skip
-                found = pooled.loc[key] if key in pooled.index else None
-                for col, src in ((kind, "value"), (f"{kind}_ci_low", "ci_low"),
-                                 (f"{kind}_ci_high", "ci_high")):  # fmt: skip
-                    row[col] = np.nan if found is None else float(found[src])
+                encoder = entry.get("honest_encoder") or entry["encoder"]
+                _put(row, kind, _find(pooled, control, encoder, entry))
             rows.append(row)
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _find(
+    pooled: pd.DataFrame, dataset: str | None, encoder: str, entry: Mapping
+) -> pd.Series | None:
+    """Find the pooled metric row of a dataset and encoder for an entry's model, or None."""
+    key = (dataset, encoder, entry["classifier"], entry["level"], entry["metric"])
+    return pooled.loc[key] if key in pooled.index else None
+
+
+def _put(row: dict, name: str, found: pd.Series | None) -> None:
+    """Set ``name``, ``name_ci_low`` and ``name_ci_high`` of ``row`` (NaN when not found)."""
+    for col, src in ((name, "value"), (f"{name}_ci_low", "ci_low"),
+                     (f"{name}_ci_high", "ci_high")):  # fmt: skip
+        row[col] = np.nan if found is None else float(found[src])
 
 
 def plot_comparison(comparison: pd.DataFrame, path: str | Path) -> None:
     """Paper (star), leaky (orange), grouped (blue) and control figures with their intervals."""
     n = max(len(comparison), 1)
-    fig, ax = plt.subplots(figsize=(8, 2.0 + 0.45 * n))
+    fig, ax = subplots(figsize=(8, 2.0 + 0.45 * n))
     y = np.arange(len(comparison))[::-1]
     sides = [(0.12, "leaky", "tab:orange"), (-0.12, "grouped", "tab:blue")]
     for side, offset, colour in (("cell_only", -0.24, "tab:green"),

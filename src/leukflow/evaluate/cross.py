@@ -4,7 +4,7 @@ The honest protocol of a train -> test pair: one encoder trained on every
 labelled ROI of the train dataset embeds both datasets; each classifier is
 fitted on the train dataset's embeddings and applied to every ROI of the test
 dataset, which nothing upstream has seen. Metrics are the binary ones of
-:mod:`leukflow.evaluate.classify` (positive label vs the rest), with bootstrap
+:mod:`leukflow.evaluate.metrics` (positive label vs the rest), with bootstrap
 intervals that resample the test dataset's patient groups.
 """
 
@@ -14,16 +14,15 @@ import logging
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from leukflow.core.figures import subplots
 from leukflow.data.io import atomic_path
-from leukflow.evaluate.classify import Evaluation, fit_predict_folds, score_predictions
+from leukflow.evaluate.classifiers import fit_predict_folds
 from leukflow.evaluate.folds import TRAIN_ONLY
+from leukflow.evaluate.scoring import Evaluation, ScoringSettings, score_predictions
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +90,7 @@ def evaluate_cross(
     test_images: pd.DataFrame,
     *,
     classifiers: Mapping[str, Mapping],
-    positive_label: str,
-    image_aggregation: str = "vote",
-    any_positive_threshold: float = 0.5,
-    n_boot: int = 1000,
-    bootstrap_seed: int = 0,
-    ci_level: float = 0.95,
+    settings: ScoringSettings,
     inner_folds: int = 3,
 ) -> Evaluation:
     """Fit every classifier on one dataset's ROIs and score it on another's.
@@ -117,17 +111,17 @@ def evaluate_cross(
     test_images : pandas.DataFrame
         ``image_id, label, group`` of every test image (those without ROIs
         included: called negative); the bootstrap resamples ``group``.
-    classifiers, positive_label, inner_folds
-        See :func:`leukflow.evaluate.classify.fit_predict_folds`. A test label absent
+    classifiers, inner_folds
+        See :func:`leukflow.evaluate.classifiers.fit_predict_folds`. A test label absent
         from the training labels gets probability 0 and is never predicted;
         without the positive label in training every score is 0.
-    image_aggregation, any_positive_threshold, n_boot, bootstrap_seed, ci_level
-        See :func:`leukflow.evaluate.classify.score_predictions`.
+    settings : leukflow.evaluate.scoring.ScoringSettings
+        The positive label, image aggregation and bootstrap.
 
     Returns
     -------
     Evaluation
-        As :func:`leukflow.evaluate.classify.evaluate_embeddings`, with one test fold
+        As :func:`leukflow.evaluate.scoring.evaluate_embeddings`, with one test fold
         (:data:`TEST_FOLD`); the ``pooled`` metric rows carry the intervals.
         ``models`` maps ``(classifier, TEST_FOLD)`` to the fitted pipeline.
 
@@ -137,6 +131,41 @@ def evaluate_cross(
         When the embeddings and ROI tables disagree in length, or an image is
         in both datasets.
     """
+    _check_cross(train_embeddings, train_rois, test_embeddings, test_rois, test_images)
+    cols = ["roi_id", "image_id", "label"]
+    rois = pd.concat(
+        [
+            train_rois.assign(fold=TRAIN_ONLY),
+            test_rois[cols].assign(fold=TEST_FOLD),
+        ],
+        ignore_index=True,
+    )
+    rois["label"] = rois["label"].astype(str)
+    embeddings = np.concatenate([np.asarray(train_embeddings), np.asarray(test_embeddings)])
+    roi_preds, models = fit_predict_folds(
+        {TEST_FOLD: embeddings},
+        rois,
+        classifiers=classifiers,
+        positive_label=settings.positive_label,
+        return_models=True,
+        inner_folds=inner_folds,
+    )
+    images = test_images[["image_id", "label", "group"]].assign(
+        label=lambda d: d["label"].astype(str), fold=TEST_FOLD, leaky=False
+    )
+    out = score_predictions(roi_preds, images, settings)
+    out.models = models
+    return out
+
+
+def _check_cross(
+    train_embeddings: np.ndarray,
+    train_rois: pd.DataFrame,
+    test_embeddings: np.ndarray,
+    test_rois: pd.DataFrame,
+    test_images: pd.DataFrame,
+) -> None:
+    """Refuse misaligned tables and shared images; say which labels one side lacks."""
     for name, emb, rois in (("train", train_embeddings, train_rois),
                             ("test", test_embeddings, test_rois)):  # fmt: skip
         if len(emb) != len(rois):
@@ -157,39 +186,6 @@ def evaluate_cross(
     if unseen:
         log.warning("evaluate_cross: test labels %s are absent from the training dataset "
                     "and are never predicted", sorted(map(str, unseen)))  # fmt: skip
-    cols = ["roi_id", "image_id", "label"]
-    rois = pd.concat(
-        [
-            train_rois.assign(fold=TRAIN_ONLY),
-            test_rois[cols].assign(fold=TEST_FOLD),
-        ],
-        ignore_index=True,
-    )
-    rois["label"] = rois["label"].astype(str)
-    embeddings = np.concatenate([np.asarray(train_embeddings), np.asarray(test_embeddings)])
-    roi_preds, models = fit_predict_folds(
-        {TEST_FOLD: embeddings},
-        rois,
-        classifiers=classifiers,
-        positive_label=positive_label,
-        return_models=True,
-        inner_folds=inner_folds,
-    )
-    images = test_images[["image_id", "label", "group"]].assign(
-        label=lambda d: d["label"].astype(str), fold=TEST_FOLD, leaky=False
-    )
-    out = score_predictions(
-        roi_preds,
-        images,
-        positive_label=positive_label,
-        image_aggregation=image_aggregation,
-        any_positive_threshold=any_positive_threshold,
-        n_boot=n_boot,
-        bootstrap_seed=bootstrap_seed,
-        ci_level=ci_level,
-    )
-    out.models = models
-    return out
 
 
 def summarise_cross(metrics: pd.DataFrame) -> pd.DataFrame:
@@ -247,7 +243,7 @@ def plot_cross_matrix(
     panels = list(rows.groupby(["encoder", "classifier"], sort=True).groups) or [("", "")]
     datasets = sorted(set(rows["train"]) | set(rows["test"]))
     n = len(datasets)
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         1, len(panels), figsize=(1.2 + (0.9 * n + 1.2) * len(panels), 1.6 + 0.8 * n),
         squeeze=False,
     )  # fmt: skip

@@ -163,43 +163,15 @@ def assign_folds(
     LeakageError
         When a grouped split puts a patient or a group on both sides.
     """
-    if k < 2:
-        raise ValueError(f"assign_folds: k must be >= 2; got {k}")
-    if not 0 <= holdout_fraction <= 0.5:
-        raise ValueError(
-            f"assign_folds: holdout_fraction must be 0 (k-fold) or in (0, 0.5]; "
-            f"got {holdout_fraction}"
-        )
+    _check_fold_args(k, holdout_fraction, protocol)
     protocols = protocol if isinstance(protocol, Mapping) else None
-    for name in [protocol] if protocols is None else protocols.values():
-        if name not in PROTOCOLS:
-            raise ValueError(f"assign_folds: protocol must be one of {PROTOCOLS}; got {name!r}")
     n_splits = round(1 / holdout_fraction) if holdout_fraction else k
     manifest = manifest.assign(group=group_patients(manifest, duplicates))
     parts = []
     for dataset, images in manifest.groupby("dataset", sort=True):
         proto = protocol if protocols is None else protocols.get(str(dataset), "grouped")
         leaky = proto == "random"
-        unit, kind = ("image_id", "images") if leaky else ("group", "patient groups")
-        n_units = images[unit].nunique()
-        if n_units < n_splits:
-            raise ValueError(
-                f"assign_folds: dataset {dataset!r} has {n_units} {kind}, fewer than "
-                f"k={n_splits} folds; lower folds.k or add patients"
-            )
-        strata = fold_strata(images["label"], images[unit], k=n_splits, dataset=str(dataset))
-        fold = pd.Series(-1, index=images.index)
-        with warnings.catch_warnings():
-            # sklearn warns when a stratum has fewer members than folds; fold_strata logged it.
-            warnings.simplefilter("ignore", UserWarning)
-            if leaky:
-                splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-                splits = splitter.split(images, strata)
-            else:
-                splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-                splits = splitter.split(images, strata, groups=images["group"])
-            for i, (_, test) in enumerate(splits):
-                fold.iloc[test] = i
+        fold = _split(images, str(dataset), leaky=leaky, n_splits=n_splits, seed=seed)
         if holdout_fraction:
             fold = fold.where(fold == 0, TRAIN_ONLY)
         parts.append(images.assign(fold=fold.astype(int), leaky=leaky))
@@ -221,6 +193,47 @@ def assign_folds(
     check_no_leakage(folds, "patient")
     check_no_leakage(folds, "group")
     return folds
+
+
+def _check_fold_args(k: int, holdout_fraction: float, protocol: str | Mapping[str, str]) -> None:
+    """Refuse k < 2, a holdout fraction outside (0, 0.5] (0: k-fold), an unknown protocol."""
+    if k < 2:
+        raise ValueError(f"assign_folds: k must be >= 2; got {k}")
+    if not 0 <= holdout_fraction <= 0.5:
+        raise ValueError(
+            f"assign_folds: holdout_fraction must be 0 (k-fold) or in (0, 0.5]; "
+            f"got {holdout_fraction}"
+        )
+    for name in protocol.values() if isinstance(protocol, Mapping) else [protocol]:
+        if name not in PROTOCOLS:
+            raise ValueError(f"assign_folds: protocol must be one of {PROTOCOLS}; got {name!r}")
+
+
+def _split(
+    images: pd.DataFrame, dataset: str, *, leaky: bool, n_splits: int, seed: int
+) -> pd.Series:
+    """Test fold per image of one dataset: stratified, grouped by patient unless ``leaky``."""
+    unit, kind = ("image_id", "images") if leaky else ("group", "patient groups")
+    n_units = images[unit].nunique()
+    if n_units < n_splits:
+        raise ValueError(
+            f"assign_folds: dataset {dataset!r} has {n_units} {kind}, fewer than "
+            f"k={n_splits} folds; lower folds.k or add patients"
+        )
+    strata = fold_strata(images["label"], images[unit], k=n_splits, dataset=dataset)
+    fold = pd.Series(-1, index=images.index)
+    with warnings.catch_warnings():
+        # sklearn warns when a stratum has fewer members than folds; fold_strata logged it.
+        warnings.simplefilter("ignore", UserWarning)
+        if leaky:
+            splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+            splits = splitter.split(images, strata)
+        else:
+            splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+            splits = splitter.split(images, strata, groups=images["group"])
+        for i, (_, test) in enumerate(splits):
+            fold.iloc[test] = i
+    return fold
 
 
 def check_no_leakage(folds: pd.DataFrame, group: str = "patient") -> None:

@@ -2,8 +2,8 @@
 
 Every plot function takes the same arguments: ``levels`` (level name ->
 predictions of one classifier, pooled over the test folds: ``roi`` from
-:func:`leukflow.evaluate.classify.fit_predict_folds`, ``image`` from
-:func:`leukflow.evaluate.classify.aggregate_images`), a ``title``, the
+:func:`leukflow.evaluate.classifiers.fit_predict_folds`, ``image`` from
+:func:`leukflow.evaluate.images.aggregate_images`), a ``title``, the
 ``positive_label`` and the PNG ``path``; :data:`PLOTTERS` maps each kind of
 plot to its function.
 """
@@ -11,19 +11,21 @@ plot to its function.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import ConfusionMatrixDisplay, roc_auc_score, roc_curve
 
+from leukflow.core.figures import subplots
 from leukflow.data.io import atomic_path
+
+if TYPE_CHECKING:
+    from leukflow.evaluate.scoring import Evaluation
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +69,7 @@ def plot_confusion(
     multi = len(classes) > 2
     rows = 2 if multi else 1
     side = max(5.0, 0.75 * len(classes) + 2.5) if multi else 5.0
-    fig, axes = plt.subplots(
-        rows, len(levels), figsize=(side * len(levels), 4 * rows), squeeze=False
-    )
+    fig, axes = subplots(rows, len(levels), figsize=(side * len(levels), 4 * rows), squeeze=False)
     for ax, (level, preds) in zip(axes[0], levels.items(), strict=True):
         truth = preds["label"].where(preds["label"] == positive_label, negative)
         called = preds["pred"].where(preds["pred"] == positive_label, negative)
@@ -107,7 +107,7 @@ def plot_roc(
     title, positive_label, path
         See :func:`plot_confusion`.
     """
-    fig, axes = plt.subplots(1, len(levels), figsize=(4.6 * len(levels), 4.4), squeeze=False)
+    fig, axes = subplots(1, len(levels), figsize=(4.6 * len(levels), 4.4), squeeze=False)
     for ax, (level, preds) in zip(axes[0], levels.items(), strict=True):
         y = (preds["label"] == positive_label).to_numpy()
         ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1)
@@ -162,7 +162,7 @@ def plot_calibration(
     n_bins : int
         Equal-width score bins; empty bins are not drawn.
     """
-    fig, axes = plt.subplots(
+    fig, axes = subplots(
         2,
         len(levels),
         figsize=(4.6 * len(levels), 5.6),
@@ -227,7 +227,7 @@ def plot_wbc_counts(
     bins = np.arange(0, (counts.max() if len(counts) else 0) + 2) - 0.5
     truth = (images["label"] == positive_label).to_numpy()
     called = (images["pred"] == positive_label).to_numpy()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = subplots(1, 2, figsize=(11, 4.2))
     by_class = {
         str(c): counts[(images["label"] == c).to_numpy()]
         for c in sorted(images["label"].astype(str).unique())
@@ -270,13 +270,41 @@ PLOTTERS: dict[str, Callable[..., None]] = {
 }
 
 
+def plot_classifier(
+    result: Evaluation,
+    paths: Mapping[str, str | Path],
+    *,
+    classifier: str,
+    title: str,
+    positive_label: str,
+) -> None:
+    """Draw each kind of plot in ``paths`` of one classifier's ROI and image predictions.
+
+    Parameters
+    ----------
+    result : leukflow.evaluate.scoring.Evaluation
+        Its ``roi_predictions`` and ``image_predictions`` are drawn (rows of
+        ``classifier`` only).
+    paths : mapping of str to path
+        Kind of plot (a key of :data:`PLOTTERS`) -> PNG path.
+    classifier, title, positive_label
+        The rows to draw, the figure title, the positive class.
+    """
+    levels = {
+        level: preds[preds["classifier"] == classifier]
+        for level, preds in (("roi", result.roi_predictions), ("image", result.image_predictions))
+    }
+    for kind, path in paths.items():
+        PLOTTERS[kind](levels, title=title, positive_label=positive_label, path=path)
+
+
 def plot_history(history: pd.DataFrame, *, title: str, path: str | Path) -> None:
     """Training curves of one encoder: loss and accuracy per epoch, train and validation.
 
     ``history`` has :data:`leukflow.learn.train.HISTORY_COLUMNS`; an encoder that was
     not trained (``frozen``, ``hog``) has no rows and gets a figure saying so.
     """
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    fig, axes = subplots(1, 2, figsize=(8, 3.2))
     if history.empty:
         for ax in axes:
             ax.text(0.5, 0.5, "not trained (frozen)", ha="center", va="center")
@@ -301,7 +329,7 @@ def plot_k_scores(table: pd.DataFrame, *, title: str, path: str | Path) -> None:
     ``table`` is :func:`leukflow.segment.summarise_k_scores`'s; an empty one
     (kmeans did not meet expert masks) gets a figure saying so.
     """
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+    fig, ax = subplots(figsize=(5, 3.2))
     if table.empty:
         ax.text(0.5, 0.5, "no k selection: kmeans did not meet expert masks",
                 ha="center", va="center", fontsize=9)  # fmt: skip

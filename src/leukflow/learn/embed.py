@@ -19,7 +19,7 @@ import zarr
 from torch.utils.data import DataLoader, Dataset
 
 from leukflow.data import cache
-from leukflow.data.io import EmbeddingStoreWriter, sha256_file
+from leukflow.data.io import EmbeddingStoreWriter, RowAppender, sha256_file
 from leukflow.learn.hog import hog_features
 from leukflow.learn.models import (
     Encoder,
@@ -259,6 +259,24 @@ def _frozen_embeddings(
              len(runs) - n_cached, n_cached)  # fmt: skip
 
 
+def _add_arrays(
+    writer: EmbeddingStoreWriter, name: str, ckpt: dict, sha: str, dim: int
+) -> tuple[RowAppender, RowAppender | None]:
+    """Add a checkpoint's embedding array and, when it has a trained head, its softmax's."""
+    ids = "\0".join(ckpt["train_roi_ids"]).encode()
+    emb = writer.add_array(name, dim, {
+        "weights_sha256": sha,
+        "normalisation": {"mean": ckpt["mean"], "std": ckpt["std"]},
+        "classes": ckpt["classes"],
+        "train_roi_ids_sha256": hashlib.sha256(ids).hexdigest(),
+    })  # fmt: skip
+    if not ckpt["has_head"]:
+        return emb, None
+    return emb, writer.add_array(
+        f"probs/{name}", len(ckpt["classes"]), {"classes": ckpt["classes"]}
+    )
+
+
 def embed_rois(
     checkpoints: Sequence[str | Path],
     crops: np.ndarray | zarr.Array | str | Path,
@@ -313,25 +331,14 @@ def embed_rois(
         for name, ckpt, sha in loaded:
             model = None if ckpt["arch"] == "hog" else encoder_from_checkpoint(ckpt)
             dim = ckpt["dim"] if model is None else model.dim
-            ids = "\0".join(ckpt["train_roi_ids"]).encode()
-            emb = writer.add_array(name, dim, {
-                "weights_sha256": sha,
-                "normalisation": {"mean": ckpt["mean"], "std": ckpt["std"]},
-                "classes": ckpt["classes"],
-                "train_roi_ids_sha256": hashlib.sha256(ids).hexdigest(),
-            })  # fmt: skip
-            probs = None
-            if ckpt["has_head"]:
-                probs = writer.add_array(
-                    f"probs/{name}", len(ckpt["classes"]), {"classes": ckpt["classes"]}
-                )
+            emb, probs = _add_arrays(writer, name, ckpt, sha, dim)
+            seen_as = {key: ckpt[key] for key in ("input_size_px", "mean", "std")}
             if ckpt["training"] == "frozen" and cache_dir and roi_keys is not None:
                 array = zarr.open_array(str(crops), mode="r") if isinstance(
                     crops, str | Path) else crops  # fmt: skip
                 for e in _frozen_embeddings(
                     model, ckpt, array, roi_keys, cache_dir, dim=dim,
-                    input_size_px=ckpt["input_size_px"], mean=ckpt["mean"], std=ckpt["std"],
-                    batch_size=batch_size, device=device,
+                    **seen_as, batch_size=batch_size, device=device,
                 ):  # fmt: skip
                     emb.append(e)
                 log.info("%s: embedded every ROI, %d-d", name, dim)
@@ -339,9 +346,7 @@ def embed_rois(
             for e, p in iter_embeddings(
                 model,
                 crops,
-                input_size_px=ckpt["input_size_px"],
-                mean=ckpt["mean"],
-                std=ckpt["std"],
+                **seen_as,
                 batch_size=batch_size,
                 num_workers=num_workers,
                 device=device,

@@ -30,7 +30,8 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -340,16 +341,81 @@ def train_encoder(
     history : pandas.DataFrame
         One row per epoch: :data:`HISTORY_COLUMNS`.
     """
+    _check_arguments(crops, labels, training, normalisation)
+    size = int(input_size_px or crops.shape[1])
+    check_arch(arch, size)
+    labels = [str(v) for v in labels]
+    roi_ids = [str(r) for r in (roi_ids if roi_ids is not None else range(len(crops)))]
+    checkpoint = _new_checkpoint(crops, labels, roi_ids, arch=arch, size=size, weights=weights,
+                                 training=training, normalisation=normalisation)  # fmt: skip
+    if arch == "hog":  # nothing to train: the checkpoint only records the parameters
+        checkpoint["dim"] = hog_dim(size)
+        return checkpoint, pd.DataFrame(columns=HISTORY_COLUMNS)
+    device = device or pick_device()
+    torch.manual_seed(seed)
+    classes = checkpoint["classes"]
+    model = build_encoder(arch, max(len(classes), 1), weights, input_size_px=size).to(device)
+    if training == "frozen":  # the weights as loaded
+        checkpoint["state_dict"] = _cpu_state(model)
+        return checkpoint, pd.DataFrame(columns=HISTORY_COLUMNS)
+    fit, val = inner_split(
+        labels, groups if groups is not None else roi_ids, val_fraction=val_fraction, seed=seed
+    )
+    checkpoint["train_roi_ids"] = [roi_ids[i] for i in fit]
+    checkpoint["val_roi_ids"] = [roi_ids[i] for i in val]
+    data = _Data.of(crops, labels, checkpoint, device)
+    if data.cuda:
+        model = model.to(memory_format=torch.channels_last)
+    plan = _Plan(training=training, epochs=epochs, batch_size=batch_size, lr=lr,
+                 weight_decay=weight_decay, patience=patience)  # fmt: skip
+    settings = {"arch": arch, "weights": weights, "training": training, "size": size,
+                "normalisation": normalisation, "epochs": epochs, "batch_size": batch_size,
+                "lr": lr, "weight_decay": weight_decay, "seed": seed,
+                "val_fraction": val_fraction, "patience": patience, "ids": roi_ids}  # fmt: skip
+    resume_dir = Path(resume_dir) if resume_dir is not None else None
+    fingerprint = _fingerprint(crops, labels, settings) if resume_dir else ""
+    gen = torch.Generator().manual_seed(seed)
+    progress = _resume(model, gen, resume_dir, fingerprint)
+    _run_epochs(model, data, fit, val, plan, progress, gen, desc=f"train {arch}",
+                save=_saver(resume_dir, fingerprint))  # fmt: skip
+    if progress.best is not None:
+        model.load_state_dict(progress.best)
+    checkpoint["best_epoch"] = (
+        progress.best_epoch if progress.best is not None else len(progress.history["epoch"])
+    )
+    checkpoint["state_dict"] = _cpu_state(model.to(memory_format=torch.contiguous_format))
+    if resume_dir is not None:
+        shutil.rmtree(resume_dir, ignore_errors=True)
+    return checkpoint, pd.DataFrame(progress.history, columns=HISTORY_COLUMNS)
+
+
+# ------------------------------------------------------------ training steps
+
+
+def _check_arguments(
+    crops: np.ndarray, labels: Sequence[str], training: str, normalisation: str
+) -> None:
+    """Refuse crops and labels of other lengths, and an unknown mode or normalisation."""
     if len(crops) != len(labels):
         raise ValueError(f"train_encoder: {len(crops)} crops but {len(labels)} labels")
     if training not in TRAINING_MODES:
         raise ValueError(f"training: expected one of {TRAINING_MODES}; got {training!r}")
     if normalisation not in ("dataset", "imagenet"):
         raise ValueError(f"normalisation: expected dataset or imagenet; got {normalisation!r}")
-    size = int(input_size_px or crops.shape[1])
-    check_arch(arch, size)
-    labels = [str(v) for v in labels]
-    roi_ids = [str(r) for r in (roi_ids if roi_ids is not None else range(len(crops)))]
+
+
+def _new_checkpoint(
+    crops: np.ndarray,
+    labels: list[str],
+    roi_ids: list[str],
+    *,
+    arch: str,
+    size: int,
+    weights: str,
+    training: str,
+    normalisation: str,
+) -> dict:
+    """Everything a checkpoint records before training: classes, normalisation, weights."""
     classes = sorted(set(labels))
     if training != "frozen" and arch != "hog" and len(classes) < 2:
         raise ValueError(
@@ -360,7 +426,7 @@ def train_encoder(
     else:
         mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
     weights_path = resolve_weights(arch, weights) if arch != "hog" else None
-    checkpoint = {
+    return {
         "arch": arch,
         "classes": classes,
         "mean": mean,
@@ -376,137 +442,240 @@ def train_encoder(
         "val_roi_ids": [],
         "state_dict": {},
     }
-    if arch == "hog":
-        checkpoint["dim"] = hog_dim(size)
-        return checkpoint, pd.DataFrame(columns=HISTORY_COLUMNS)
-    device = device or pick_device()
-    torch.manual_seed(seed)
-    model = build_encoder(arch, max(len(classes), 1), weights, input_size_px=size).to(device)
-    if training == "frozen":
-        checkpoint["state_dict"] = _cpu_state(model)
-        return checkpoint, pd.DataFrame(columns=HISTORY_COLUMNS)
 
-    fit, val = inner_split(
-        labels,
-        groups if groups is not None else roi_ids,
-        val_fraction=val_fraction,
-        seed=seed,
-    )
-    checkpoint["train_roi_ids"] = [roi_ids[i] for i in fit]
-    checkpoint["val_roi_ids"] = [roi_ids[i] for i in val]
-    cuda = device.type == "cuda"
-    x_all = torch.from_numpy(np.ascontiguousarray(crops))
-    if cuda:
-        x_all = x_all.pin_memory()
-        model = model.to(memory_format=torch.channels_last)
-    y_all = torch.tensor([classes.index(v) for v in labels])
 
-    def prep(batch: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
-        x = to_unit(batch.to(device, non_blocking=True), size)
+@dataclass
+class _Data:
+    """The crops as tensors, and how a batch of them reaches the network."""
+
+    x: torch.Tensor  # (n, S, S, 3) uint8, pinned when the device is a GPU
+    y: torch.Tensor  # (n,) class index
+    device: torch.device
+    size: int
+    mean: list[float]
+    std: list[float]
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+    @classmethod
+    def of(
+        cls, crops: np.ndarray, labels: list[str], checkpoint: dict, device: torch.device
+    ) -> _Data:
+        """Hold the crops, and the labels as indices of the checkpoint's classes."""
+        x = torch.from_numpy(np.ascontiguousarray(crops))
+        if device.type == "cuda":
+            x = x.pin_memory()
+        classes = checkpoint["classes"]
+        augment = s1_augment if checkpoint["training"] == "s1" else flip_rotate
+        y = torch.tensor([classes.index(v) for v in labels])
+        size, mean, std = (checkpoint[k] for k in ("input_size_px", "mean", "std"))
+        return cls(x, y, device, size, mean, std, augment)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def prep(self, batch: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+        """Move a batch to the device: unit range, augmented when ``gen`` is given, normalised."""
+        x = to_unit(batch.to(self.device, non_blocking=True), self.size)
         if gen is not None:
-            x = s1_augment(x, gen) if training == "s1" else flip_rotate(x, gen)
-        x = normalise(x, mean, std)
-        return x.contiguous(memory_format=torch.channels_last) if cuda else x
+            x = self.augment(x, gen)
+        x = normalise(x, self.mean, self.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.cuda else x
 
-    s1 = training == "s1"
-    params = {"arch": arch, "weights": weights, "training": training, "size": size,
-              "normalisation": normalisation, "epochs": epochs, "batch_size": batch_size,
-              "lr": lr, "weight_decay": weight_decay, "seed": seed,
-              "val_fraction": val_fraction, "patience": patience, "ids": roi_ids}  # fmt: skip
-    resume_dir = Path(resume_dir) if resume_dir is not None else None
-    fingerprint = _fingerprint(crops, labels, params) if resume_dir else ""
-    gen = torch.Generator().manual_seed(seed)
-    state = _load_state(resume_dir, fingerprint) if resume_dir else None
-    history: dict[str, list] = {c: [] for c in HISTORY_COLUMNS}
-    best, best_loss, best_epoch, bad, start, stopped = None, math.inf, 0, 0, 0, False
-    opt_state, opt_phase = None, -1
-    if state is not None:
-        model.load_state_dict(state["model"])
-        gen.set_state(state["gen"])
-        torch.set_rng_state(state["torch_rng"])
-        best = state["best"] or None
-        best_loss, best_epoch, bad = state["best_loss"], state["best_epoch"], state["bad_epochs"]
-        history, start, stopped = state["history"], state["epoch"], state["stopped"]
-        opt_state, opt_phase = state["optimizer"], state["phase"]
 
-    n_fit = len(fit)
-    steps = sum(1 for i in range(0, n_fit, batch_size) if min(batch_size, n_fit - i) >= 2)
-    loss_fn = nn.CrossEntropyLoss()
-    optimizer, phase = None, -1
-    for epoch in tqdm(range(start, 0 if stopped else epochs), desc=f"train {arch}", leave=False):
-        new_phase = 0 if s1 and epoch < S1_HEAD_EPOCHS else 1
-        if new_phase != phase:
-            phase = new_phase
-            for p in model.backbone.parameters():
-                p.requires_grad_(phase == 1)
-            optimizer = torch.optim.Adam(
-                _param_groups(model, phase if s1 else 1, lr, weight_decay)
-                if s1
-                else [{"params": list(model.parameters()), "lr_scale": 1.0}],
-                lr=lr,
-                betas=S1_BETAS if s1 else (0.9, 0.999),
-                weight_decay=weight_decay,
+@dataclass(frozen=True)
+class _Plan:
+    """The optimiser's schedule: epochs, batches, rates, and when to stop early."""
+
+    training: str
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    patience: int
+
+    @property
+    def s1(self) -> bool:
+        return self.training == "s1"
+
+    def phase(self, epoch: int) -> int:
+        """0: S1's head-only epochs; 1: every layer (every other mode)."""
+        return 0 if self.s1 and epoch < S1_HEAD_EPOCHS else 1
+
+    def phase_span(self, phase: int) -> tuple[int, int]:
+        """First epoch and number of epochs of ``phase`` (the one-cycle's length)."""
+        start = S1_HEAD_EPOCHS if self.s1 and phase == 1 else 0
+        return start, (min(self.epochs, S1_HEAD_EPOCHS) if phase == 0 else self.epochs - start)
+
+    def one_cycle(self, epoch: int, phase: int, steps: int) -> tuple[int, int] | None:
+        """S1: steps of ``phase`` before ``epoch`` and in all (``steps`` an epoch); else None."""
+        if not self.s1:
+            return None
+        start, n_epochs = self.phase_span(phase)
+        return (epoch - start) * steps, n_epochs * steps
+
+    def optimizer(self, model: Encoder, phase: int) -> torch.optim.Adam:
+        """Adam over the layers ``phase`` trains (S1: discriminative rates, its betas)."""
+        for p in model.backbone.parameters():
+            p.requires_grad_(phase == 1)
+        groups = (
+            _param_groups(model, phase, self.lr, self.weight_decay)
+            if self.s1
+            else [{"params": list(model.parameters()), "lr_scale": 1.0}]
+        )
+        betas = S1_BETAS if self.s1 else (0.9, 0.999)
+        return torch.optim.Adam(groups, lr=self.lr, betas=betas, weight_decay=self.weight_decay)
+
+
+@dataclass
+class _Progress:
+    """Where a training stands after its last epoch: what a resumed training restores."""
+
+    history: dict[str, list] = field(default_factory=lambda: {c: [] for c in HISTORY_COLUMNS})
+    best: dict | None = None  # weights of the epoch of lowest validation loss
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    bad_epochs: int = 0  # epochs since the validation loss last fell
+    epoch: int = 0  # epochs done
+    stopped: bool = False
+    optimizer: dict | None = None  # state of the optimiser of ``phase``, to resume it
+    phase: int = -1
+
+    def record(self, row: dict, model: nn.Module, has_val: bool) -> None:
+        """Append an epoch's row and keep the best weights (early stopping's bookkeeping)."""
+        for key, value in row.items():
+            self.history[key].append(value)
+        self.epoch = row["epoch"]
+        if has_val and row["val_loss"] < self.best_loss:
+            self.best, self.best_loss, self.best_epoch = (
+                _cpu_state(model),
+                row["val_loss"],
+                self.epoch,
             )
-            if opt_state is not None and opt_phase == phase:
-                optimizer.load_state_dict(opt_state)
-        phase_start = S1_HEAD_EPOCHS if s1 and phase == 1 else 0
-        phase_epochs = min(epochs, S1_HEAD_EPOCHS) if phase == 0 else epochs - phase_start
-        model.train()
-        begin, total, correct, seen, step = time.perf_counter(), 0.0, 0, 0, 0
-        order = fit[torch.randperm(n_fit, generator=gen).numpy()]
-        for i in range(0, n_fit, batch_size):
-            idx = torch.from_numpy(order[i : i + batch_size])
-            if len(idx) < 2:  # batch norm needs two samples
-                continue
-            if s1:
-                rate = one_cycle_lr((epoch - phase_start) * steps + step, phase_epochs * steps, lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = rate * group["lr_scale"]
-            step += 1
-            x = prep(x_all[idx], gen)
-            y = y_all[idx].to(device)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                logits = model(x)
-                loss = loss_fn(logits.float(), y)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(idx)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(idx)
-        val_loss, val_acc = _evaluate(model, x_all, y_all, val, prep, 2 * batch_size)
-        row = {"epoch": epoch + 1, "loss": total / max(seen, 1),
-               "accuracy": correct / max(seen, 1), "val_loss": val_loss,
+            self.bad_epochs = 0
+        elif has_val:
+            self.bad_epochs += 1
+
+
+def _resume(
+    model: nn.Module, gen: torch.Generator, resume_dir: Path | None, fingerprint: str
+) -> _Progress:
+    """Restore an interrupted training of the same data and settings, or start afresh."""
+    state = _load_state(resume_dir, fingerprint) if resume_dir else None
+    if state is None:
+        return _Progress()
+    model.load_state_dict(state["model"])
+    gen.set_state(state["gen"])
+    torch.set_rng_state(state["torch_rng"])
+    return _Progress(
+        history=state["history"], best=state["best"] or None, best_loss=state["best_loss"],
+        best_epoch=state["best_epoch"], bad_epochs=state["bad_epochs"], epoch=state["epoch"],
+        stopped=state["stopped"], optimizer=state["optimizer"], phase=state["phase"],
+    )  # fmt: skip
+
+
+def _saver(resume_dir: Path | None, fingerprint: str) -> Callable | None:
+    """Make the function that keeps the state after each epoch in ``resume_dir`` (or None)."""
+    if resume_dir is None:
+        return None
+
+    def save(model: nn.Module, optimizer, phase: int, gen: torch.Generator, p: _Progress) -> None:
+        _save_state(
+            {"fingerprint": fingerprint, "epoch": p.epoch, "phase": phase,
+             "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
+             "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+             "best": p.best or {}, "best_loss": p.best_loss, "best_epoch": p.best_epoch,
+             "bad_epochs": p.bad_epochs, "history": p.history, "stopped": p.stopped},
+            resume_dir,
+        )  # fmt: skip
+
+    return save
+
+
+def _run_epochs(
+    model: Encoder,
+    data: _Data,
+    fit: np.ndarray,
+    val: np.ndarray,
+    plan: _Plan,
+    progress: _Progress,
+    gen: torch.Generator,
+    *,
+    desc: str,
+    save: Callable | None,
+) -> None:
+    """Train from ``progress.epoch`` to ``plan.epochs`` or an early stop, updating ``progress``."""
+    steps = sum(1 for i in range(0, len(fit), plan.batch_size)
+                if min(plan.batch_size, len(fit) - i) >= 2)  # fmt: skip
+    optimizer, phase = None, -1
+    end = 0 if progress.stopped else plan.epochs
+    for epoch in tqdm(range(progress.epoch, end), desc=desc, leave=False):
+        if plan.phase(epoch) != phase:
+            phase = plan.phase(epoch)
+            optimizer = plan.optimizer(model, phase)
+            if progress.optimizer is not None and progress.phase == phase:
+                optimizer.load_state_dict(progress.optimizer)
+        cycle = plan.one_cycle(epoch, phase, steps)
+        begin = time.perf_counter()
+        loss, accuracy = _train_epoch(model, optimizer, data, fit, gen, plan, cycle)
+        val_loss, val_acc = _evaluate(model, data.x, data.y, val, data.prep, 2 * plan.batch_size)
+        row = {"epoch": epoch + 1, "loss": loss, "accuracy": accuracy, "val_loss": val_loss,
                "val_accuracy": val_acc, "lr": optimizer.param_groups[-1]["lr"],
                "seconds": time.perf_counter() - begin}  # fmt: skip
-        for key, value in row.items():
-            history[key].append(value)
         log.info("epoch %d: loss %.4f, accuracy %.3f, validation loss %.4f",
-                 epoch + 1, row["loss"], row["accuracy"], val_loss)  # fmt: skip
-        if len(val) and val_loss < best_loss:
-            best, best_loss, best_epoch, bad = _cpu_state(model), val_loss, epoch + 1, 0
-        elif len(val):
-            bad += 1
-        stopped = bool(patience and len(val) and bad >= patience and phase == 1)
-        if resume_dir is not None:
-            _save_state(
-                {"fingerprint": fingerprint, "epoch": epoch + 1, "phase": phase,
-                 "model": _cpu_state(model), "optimizer": optimizer.state_dict(),
-                 "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                 "best": best or {}, "best_loss": best_loss, "best_epoch": best_epoch,
-                 "bad_epochs": bad, "history": history, "stopped": stopped},
-                resume_dir,
-            )  # fmt: skip
-        if stopped:
-            log.info("early stop after epoch %d; best epoch %d", epoch + 1, best_epoch)
+                 epoch + 1, loss, accuracy, val_loss)  # fmt: skip
+        progress.record(row, model, has_val=len(val) > 0)
+        progress.stopped = bool(
+            plan.patience and len(val) and progress.bad_epochs >= plan.patience and phase == 1
+        )
+        if save is not None:
+            save(model, optimizer, phase, gen, progress)
+        if progress.stopped:
+            log.info("early stop after epoch %d; best epoch %d", epoch + 1, progress.best_epoch)
             break
-    if best is not None:
-        model.load_state_dict(best)
-    checkpoint["best_epoch"] = best_epoch if best is not None else len(history["epoch"])
-    checkpoint["state_dict"] = _cpu_state(model.to(memory_format=torch.contiguous_format))
-    if resume_dir is not None:
-        shutil.rmtree(resume_dir, ignore_errors=True)
-    return checkpoint, pd.DataFrame(history, columns=HISTORY_COLUMNS)
+
+
+def _train_epoch(
+    model: Encoder,
+    optimizer: torch.optim.Optimizer,
+    data: _Data,
+    fit: np.ndarray,
+    gen: torch.Generator,
+    plan: _Plan,
+    cycle: tuple[int, int] | None,
+) -> tuple[float, float]:
+    """Run one pass over the training rows in a random order: mean loss and accuracy.
+
+    ``cycle`` (S1): the one-cycle steps before this epoch in its phase, and
+    the phase's steps; each parameter group runs at its ``lr_scale`` of the
+    cycle's rate.
+    """
+    batch_size = plan.batch_size
+    model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    total, correct, seen, step = 0.0, 0, 0, 0
+    order = fit[torch.randperm(len(fit), generator=gen).numpy()]
+    for i in range(0, len(fit), batch_size):
+        idx = torch.from_numpy(order[i : i + batch_size])
+        if len(idx) < 2:  # batch norm needs two samples
+            continue
+        if cycle is not None:
+            rate = one_cycle_lr(cycle[0] + step, cycle[1], plan.lr)
+            for group in optimizer.param_groups:
+                group["lr"] = rate * group["lr_scale"]
+        step += 1
+        x = data.prep(data.x[idx], gen)
+        y = data.y[idx].to(data.device)
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(data.device.type, dtype=torch.bfloat16, enabled=data.cuda):
+            logits = model(x)
+            loss = loss_fn(logits.float(), y)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(idx)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(idx)
+    return total / max(seen, 1), correct / max(seen, 1)
 
 
 def train_fold(

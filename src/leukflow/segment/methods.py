@@ -19,6 +19,7 @@ from scipy import ndimage as ndi
 from skimage import color, filters, measure, morphology
 from threadpoolctl import threadpool_limits
 
+from leukflow.segment.defaults import CENTER_CROP, KMEANS, OTSU_CONTOURS, SEGMENTATION
 from leukflow.segment.masks import dice, iou, score_mask
 
 log = logging.getLogger(__name__)
@@ -81,10 +82,10 @@ def label_regions(mask: np.ndarray, *, min_area_px: int, fill_holes: bool = True
 def segment_multiotsu(
     rgb: np.ndarray,
     *,
-    channel: str = "grey",
-    classes: int = 3,
-    min_area_px: int = 250,
-    closing_radius_px: int = 4,
+    channel: str = SEGMENTATION["channel"],
+    classes: int = SEGMENTATION["classes"],
+    min_area_px: int = SEGMENTATION["min_area_px"],
+    closing_radius_px: int = SEGMENTATION["closing_radius_px"],
 ) -> np.ndarray:
     """S0: label white cells (their nuclei) as the darkest multi-Otsu class.
 
@@ -133,7 +134,7 @@ def segment_multiotsu(
 
 
 def kmeans_clusters(
-    rgb: np.ndarray, *, k: int, seed: int = 0, max_fit_px: int = 50_000
+    rgb: np.ndarray, *, k: int, seed: int = KMEANS["seed"], max_fit_px: int = KMEANS["max_fit_px"]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Cluster the blurred colours of a field into ``k`` clusters, darkest first.
 
@@ -200,11 +201,11 @@ def kmeans_candidates(clusters: np.ndarray, k: int) -> dict[str, np.ndarray]:
 def segment_kmeans(
     rgb: np.ndarray,
     *,
-    k: int = 3,
-    seed: int = 0,
-    segment: str = "all_but_brightest",
-    min_area_px: int = 100,
-    max_fit_px: int = 50_000,
+    k: int = KMEANS["k"],
+    seed: int = KMEANS["seed"],
+    segment: str = KMEANS["segment"],
+    min_area_px: int = KMEANS["min_area_px"],
+    max_fit_px: int = KMEANS["max_fit_px"],
 ) -> np.ndarray:
     """S2 without ground truth: k-means colour clusters with a fixed ``k``.
 
@@ -243,7 +244,10 @@ def segment_kmeans(
 
 
 def segment_otsu_contours(
-    rgb: np.ndarray, *, min_area_px: int = 100, merge_components: bool = True
+    rgb: np.ndarray,
+    *,
+    min_area_px: int = OTSU_CONTOURS["min_area_px"],
+    merge_components: bool = OTSU_CONTOURS["merge_components"],
 ) -> np.ndarray:
     """S4 on ALL-IDB2: Otsu threshold of the grey image, connected components.
 
@@ -266,7 +270,10 @@ def segment_otsu_contours(
 
 
 def segment_center_crop(
-    rgb: np.ndarray, *, start_fraction: float = 0.2, end_fraction: float = 0.8
+    rgb: np.ndarray,
+    *,
+    start_fraction: float = CENTER_CROP["start_fraction"],
+    end_fraction: float = CENTER_CROP["end_fraction"],
 ) -> np.ndarray:
     """S4 on C-NMC: one region from ``start_fraction`` to ``end_fraction`` of each side.
 
@@ -361,11 +368,11 @@ def select_kmeans(
     rgb: np.ndarray,
     truth: np.ndarray,
     *,
-    k_min: int = 2,
-    k_max: int = 6,
-    seed: int = 0,
-    min_area_px: int = 100,
-    max_fit_px: int = 50_000,
+    k_min: int = KMEANS["k_min"],
+    k_max: int = KMEANS["k_max"],
+    seed: int = KMEANS["seed"],
+    min_area_px: int = KMEANS["min_area_px"],
+    max_fit_px: int = KMEANS["max_fit_px"],
     finish: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, list[dict]]:
     """S2 with ground truth: pick k and the segment that best match an expert mask.

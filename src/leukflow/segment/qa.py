@@ -28,13 +28,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from leukflow.core.figures import subplots
 from leukflow.core.parallel import parallel_map
 from leukflow.data.io import atomic_path, read_image
 from leukflow.segment import (
@@ -283,7 +281,7 @@ def plot_overlays(
     boxes, points) and cyan (nucleus). Without ground truth the figure says so.
     """
     scored = per_image[per_image["method"] == params.method]
-    fig, axes = plt.subplots(3, n, figsize=(3.2 * n, 3.4 * 3), squeeze=False)
+    fig, axes = subplots(3, n, figsize=(3.2 * n, 3.4 * 3), squeeze=False)
     for ax in axes.ravel():
         ax.set_axis_off()
     if scored.empty:

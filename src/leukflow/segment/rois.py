@@ -19,6 +19,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 from skimage import color, transform
 
+from leukflow.segment import defaults
 from leukflow.segment.masks import TARGETS, resize_nearest
 from leukflow.segment.methods import (
     KMEANS_SEGMENTS,
@@ -48,38 +49,38 @@ SATURATED_MIN_SHARE = 0.99
 BLANK_MAX_RANGE = 0.08
 
 KEEP_REGIONS = ("all", "central")
-KMEANS_DEFAULTS: dict[str, Any] = {
-    "k_min": 2, "k_max": 6, "k": 3, "seed": 0, "segment": "all_but_brightest",
-    "select_by_masks": True, "target": "cell", "min_area_px": 100, "max_fit_px": 50_000,
-}  # fmt: skip
+KMEANS_DEFAULTS: dict[str, Any] = defaults.KMEANS
 #: kmeans keys passed to :func:`~leukflow.segment.methods.segment_kmeans`; the rest select k.
 KMEANS_FIXED_KEYS = ("k", "seed", "segment", "min_area_px", "max_fit_px")
-OTSU_CONTOURS_DEFAULTS: dict[str, Any] = {"min_area_px": 100, "merge_components": True}
-CENTER_CROP_DEFAULTS: dict[str, Any] = {"start_fraction": 0.2, "end_fraction": 0.8}
+OTSU_CONTOURS_DEFAULTS: dict[str, Any] = defaults.OTSU_CONTOURS
+CENTER_CROP_DEFAULTS: dict[str, Any] = defaults.CENTER_CROP
+_DEFAULT = defaults.SEGMENTATION
 
 
 @dataclass(frozen=True)
 class SegmentParams:
     """Parameters of :func:`segment_field` and :func:`extract_rois` (see the config schema).
 
+    Every default is the schema's (:mod:`leukflow.segment.defaults`).
+
     ``channel``, ``classes``, ``min_area_px`` and ``closing_radius_px`` are the
     ``multiotsu`` method's; ``kmeans``, ``otsu_contours`` and ``center_crop``
     hold those methods' parameters (keys left out take their defaults).
     """
 
-    method: str = "multiotsu"
-    channel: str = "grey"
-    classes: int = 3
-    min_area_px: int = 250
-    closing_radius_px: int = 4
+    method: str = _DEFAULT["method"]
+    channel: str = _DEFAULT["channel"]
+    classes: int = _DEFAULT["classes"]
+    min_area_px: int = _DEFAULT["min_area_px"]
+    closing_radius_px: int = _DEFAULT["closing_radius_px"]
     kmeans: Mapping[str, Any] = field(default_factory=dict)
     otsu_contours: Mapping[str, Any] = field(default_factory=dict)
     center_crop: Mapping[str, Any] = field(default_factory=dict)
-    keep_regions: str = "all"
-    mask_background: bool = False
-    roi_margin: float = 0.4
-    roi_size_px: int = 64
-    max_image_px: int = 16_000_000
+    keep_regions: str = _DEFAULT["keep_regions"]
+    mask_background: bool = _DEFAULT["mask_background"]
+    roi_margin: float = _DEFAULT["roi_margin"]
+    roi_size_px: int = _DEFAULT["roi_size_px"]
+    max_image_px: int = _DEFAULT["max_image_px"]
 
     @classmethod
     def from_mapping(cls, settings: Mapping[str, Any]) -> SegmentParams:
@@ -100,16 +101,16 @@ class SegmentParams:
                 f"SegmentParams: keep_regions must be one of {KEEP_REGIONS}; "
                 f"got {self.keep_regions!r}"
             )
-        for name, defaults in (
+        for name, known in (
             ("kmeans", KMEANS_DEFAULTS),
             ("otsu_contours", OTSU_CONTOURS_DEFAULTS),
             ("center_crop", CENTER_CROP_DEFAULTS),
         ):
-            unknown = sorted(set(getattr(self, name)) - set(defaults))
+            unknown = sorted(set(getattr(self, name)) - set(known))
             if unknown:
                 raise ValueError(
                     f"SegmentParams: unknown {name} parameters {unknown}; "
-                    f"expected some of {sorted(defaults)}"
+                    f"expected some of {sorted(known)}"
                 )
         km = self.kmeans_params
         if not 2 <= km["k_min"] <= km["k_max"] or km["k"] < 2:
@@ -300,9 +301,9 @@ def extract_rois(
     rgb: np.ndarray,
     labels: np.ndarray,
     *,
-    roi_margin: float = 0.4,
-    roi_size_px: int = 64,
-    mask_background: bool = False,
+    roi_margin: float = _DEFAULT["roi_margin"],
+    roi_size_px: int = _DEFAULT["roi_size_px"],
+    mask_background: bool = _DEFAULT["mask_background"],
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Cut one square crop per labelled region.
 
