@@ -190,7 +190,7 @@ def test_real_data_pairs_are_exactly_those_checked_by_eye(shared_data):
 
     specs = {
         "zheng": {"format": "zheng", "root": str(shared_data / "segmentation_WBC")},
-        "bccd": {"format": "bccd", "root": str(shared_data / "BCCD_Dataset")},
+        "bccd": {"format": "bccd", "root": str(shared_data / "BCCD_Dataset" / "BCCD")},
     }
     manifest, _ = ingest_datasets(specs, min_size_px=32, n_workers=2)
     pairs = find_duplicates(manifest, max_distance=DEFAULT_MAX_DISTANCE, n_workers=2)

@@ -207,13 +207,9 @@ def earlier_candidates(
             m = min(N_MATCHES, first[lo])
             dist, ind = KDTree(keys[: first[lo]]).query(query, k=m)
             cand_d, cand_i = dist.astype(np.float32), ind
-        # inside the block: every keypoint against those of earlier images of the block
-        inside = keys[qs]
-        d2 = (query**2).sum(1)[:, None] + (inside**2).sum(1)[None, :] - 2 * query @ inside.T
-        d2[query_owner[:, None] <= query_owner[None, :]] = np.inf
-        m = min(N_MATCHES, d2.shape[1])
-        near = np.argpartition(d2, m - 1, axis=1)[:, :m] if m else np.zeros((len(query), 0), int)
-        near_d = np.sqrt(np.maximum(np.take_along_axis(d2, near, axis=1), 0))
+        # inside the block: every keypoint against those of earlier images of the block,
+        # a slice of rows at a time so the distance matrix stays small
+        near_d, near = _nearest_inside(query, query_owner)
         all_d = np.concatenate([cand_d, near_d], axis=1)
         all_i = np.concatenate([cand_i, near + first[lo]], axis=1)
         best = np.argsort(all_d, axis=1, kind="stable")[:, :N_MATCHES]
@@ -228,6 +224,23 @@ def earlier_candidates(
             top = images[np.lexsort((images, -votes))][:k]
             pairs += [(int(i), j) for i in top]
     return pairs
+
+
+def _nearest_inside(keys: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distances and positions of each keypoint's nearest keypoints of earlier images."""
+    m = min(N_MATCHES, len(keys))
+    dist = np.full((len(keys), m), np.inf, np.float32)
+    index = np.zeros((len(keys), m), np.int64)
+    norms = (keys**2).sum(axis=1)
+    rows = 1024
+    for lo in range(0, len(keys), rows):
+        hi = min(lo + rows, len(keys))
+        d2 = norms[lo:hi, None] + norms[None, :] - 2 * keys[lo:hi] @ keys.T
+        d2[owner[lo:hi, None] <= owner[None, :]] = np.inf
+        near = np.argpartition(d2, m - 1, axis=1)[:, :m]
+        dist[lo:hi] = np.sqrt(np.maximum(np.take_along_axis(d2, near, axis=1), 0))
+        index[lo:hi] = near
+    return dist, index
 
 
 @dataclass(frozen=True)
@@ -479,25 +492,26 @@ def verify_pairs(
     for i, j in pairs:
         by_query.setdefault(j, []).append(i)
     queries = list(by_query)
-    tasks = []
-    chunk = 64  # query images per task: a few MB of thumbnails
-    for lo in range(0, len(queries), chunk):
-        part = queries[lo : lo + chunk]
-        refs = sorted({i for q in part for i in by_query[q]})
-        local = {i: n for n, i in enumerate(refs)}
-        tasks.append((
-            thumbs[part].astype(np.uint8),
-            thumbs[refs].astype(np.uint8),
-            [[local[i] for i in by_query[q]] for q in part],
-        ))  # fmt: skip
     matches: dict[tuple[int, int], Match] = {}
-    results = parallel_map(_verify_chunk, tasks, n_workers, desc="verify duplicates", chunksize=1)
-    lo = 0
-    for found in results:
-        for q, per_query in zip(queries[lo : lo + len(found)], found, strict=True):
+    chunk = 64  # query images per task: about a megabyte of thumbnails
+    wave = 64 * chunk  # queries whose tasks exist at once: memory stays flat
+    for start in range(0, len(queries), wave):
+        tasks = []
+        part_queries = queries[start : start + wave]
+        for lo in range(0, len(part_queries), chunk):
+            part = part_queries[lo : lo + chunk]
+            refs = sorted({i for q in part for i in by_query[q]})
+            local = {i: n for n, i in enumerate(refs)}
+            tasks.append((
+                thumbs[part].astype(np.uint8),
+                thumbs[refs].astype(np.uint8),
+                [[local[i] for i in by_query[q]] for q in part],
+            ))  # fmt: skip
+        done = parallel_map(_verify_chunk, tasks, n_workers, desc="verify duplicates",
+                            chunksize=1)  # fmt: skip
+        for q, per_query in zip(part_queries, (m for found in done for m in found), strict=True):
             for i, match in zip(by_query[q], per_query, strict=True):
                 matches[(i, q)] = match
-        lo += len(found)
     return [matches[p] for p in pairs]
 
 
