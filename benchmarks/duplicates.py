@@ -216,6 +216,11 @@ def cpu_s() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def child_rss_mb() -> float:
+    """Peak resident memory of the largest finished worker, MB."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -226,6 +231,9 @@ def main() -> None:
     parser.add_argument("--add", type=int, default=1000, help="images added to an index")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--max-distance", type=float, default=None)
+    parser.add_argument(
+        "--check-scratch", action="store_true", help="also search all at once and compare"
+    )
     args = parser.parse_args()
     max_distance = args.max_distance
     if max_distance is None:
@@ -237,39 +245,46 @@ def main() -> None:
         f"{time.perf_counter() - start:.0f} s; peak RSS so far {peak_rss_mb():.0f} MB"
     )
     rss_before = peak_rss_mb()
-    wall, cpu = time.perf_counter(), cpu_s()
-    pairs = find_duplicates(manifest, max_distance=max_distance, n_workers=args.workers)
-    wall, cpu = time.perf_counter() - wall, cpu_s() - cpu
+    with tempfile.TemporaryDirectory() as cache:
+        old = manifest.iloc[: len(manifest) - args.add]
+        wall, cpu = time.perf_counter(), cpu_s()
+        find_duplicates(old, max_distance=max_distance, cache_dir=cache, n_workers=args.workers)
+        wall, cpu = time.perf_counter() - wall, cpu_s() - cpu
+        print(
+            f"search of {len(old)} images on {args.workers} workers: {wall:.1f} s wall, "
+            f"{cpu:.1f} s CPU (all processes); peak RSS {peak_rss_mb():.0f} MB in the main "
+            f"process (before the search {rss_before:.0f} MB), {child_rss_mb():.0f} MB in a worker"
+        )
+        wall, cpu = time.perf_counter(), cpu_s()
+        pairs = find_duplicates(
+            manifest, max_distance=max_distance, cache_dir=cache, n_workers=args.workers
+        )
+        wall, cpu = time.perf_counter() - wall, cpu_s() - cpu
+        print(
+            f"add {args.add} images to that index: {wall:.1f} s wall, {cpu:.1f} s CPU; "
+            f"peak RSS {peak_rss_mb():.0f} MB"
+        )
     recall, recall_direct, largest, false = score(manifest, truth, copies, pairs)
     print(
-        f"search of {len(manifest)} images on {args.workers} workers: {wall:.1f} s wall, "
-        f"{cpu:.1f} s CPU (all processes); peak RSS {peak_rss_mb():.0f} MB "
-        f"(before the search {rss_before:.0f} MB)"
-    )
-    print(
-        f"pairs found {len(pairs)}; recall on copies {recall:.3f} (direct pair "
-        f"{recall_direct:.3f}); false pairs {len(false)} = "
+        f"{len(manifest)} images: pairs found {len(pairs)}; recall on copies {recall:.3f} "
+        f"(direct pair {recall_direct:.3f}); false pairs {len(false)} = "
         f"{1000 * len(false) / len(manifest):.2f} per 1,000 images; largest group {largest}"
     )
-    for a, b in false[:10]:
-        print("  false:", a, b)
-    if args.add:
-        with tempfile.TemporaryDirectory() as tmp:
-            old, new = manifest.iloc[: -args.add], manifest
-            find_duplicates(old, max_distance=max_distance, cache_dir=tmp, n_workers=args.workers)
-            wall = time.perf_counter()
-            again = find_duplicates(new, max_distance=max_distance, cache_dir=tmp,
-                                    n_workers=args.workers)  # fmt: skip
-            wall = time.perf_counter() - wall
-        same = (
-            again.sort_values(["image_id_a", "image_id_b"])
-            .reset_index(drop=True)
-            .equals(pairs.sort_values(["image_id_a", "image_id_b"]).reset_index(drop=True))
-        )
-        print(
-            f"add {args.add} images to an index of {len(old)}: {wall:.1f} s wall; "
-            f"same pairs as the search from scratch: {same}"
-        )
+    row = {image_id: n for n, image_id in enumerate(manifest["image_id"])}
+    for a, b in false[:20]:
+        print("  false:", a, truth[row[a]], b, truth[row[b]])
+    if args.check_scratch:
+        scratch = find_duplicates(manifest, max_distance=max_distance, n_workers=args.workers)
+        print(f"same pairs as one search of all {len(manifest)}: {_same(scratch, pairs)}")
+
+
+def _same(x: pd.DataFrame, y: pd.DataFrame) -> bool:
+    keys = ["image_id_a", "image_id_b"]
+    return (
+        x.sort_values(keys)
+        .reset_index(drop=True)
+        .equals(y.sort_values(keys).reset_index(drop=True))
+    )
 
 
 if __name__ == "__main__":

@@ -197,8 +197,8 @@ def test_real_data_pairs_are_exactly_those_checked_by_eye(shared_data):
     found = {frozenset(p) for p in zip(pairs["image_id_a"], pairs["image_id_b"], strict=True)}
     expected = {frozenset((f"zheng/Dataset 1/{a:03d}", f"zheng/Dataset 1/{b:03d}"))
                 for a, b in ZHENG_PAIRS}  # fmt: skip
-    expected |= {frozenset((f"bccd/BloodImage_{a:05d}", f"bccd/BloodImage_{b:05d}"))
-                 for a, b in BCCD_PAIRS}  # fmt: skip
+    field = "bccd/JPEGImages/BloodImage_{:05d}".format
+    expected |= {frozenset((field(a), field(b))) for a, b in BCCD_PAIRS}
     assert found == expected
     exact = pairs[pairs["kind"] == "exact"]
     assert exact[["image_id_a", "image_id_b"]].values.tolist() == [

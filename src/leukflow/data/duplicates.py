@@ -74,6 +74,8 @@ _ANGLES = 16  # samples on each ring
 _KEY_DIM = 1 + 4 * len(_RINGS)  # centre, ring means and 3 harmonics per ring
 _BAND_SIGMAS_PX = (1.0, 4.0)  # difference of Gaussians scored by the verification
 _POLISH_BELOW = 0.3  # distances worth refining to fractions of a pixel
+_NEAR_SCALE = 0.02  # a pair within this zoom and offset (thumbnail pixels) is "near"
+_NEAR_OFFSET_PX = 0.5
 
 
 def thumbnails_of(manifest: pd.DataFrame) -> np.ndarray:
@@ -697,8 +699,12 @@ def find_duplicates(
             a, b = unique.loc[match["a"]], unique.loc[match["b"]]
             if a.name not in unique.index or b.name not in unique.index:
                 continue
-            same_view = match["transform"] == "identity" and match["scale"] == 1.0
-            near = same_view and match["dy"] == 0 and match["dx"] == 0
+            # the same view: no turn, and zoom and offset within what resampling leaves
+            near = (
+                match["transform"] == "identity"
+                and abs(match["scale"] - 1) <= _NEAR_SCALE
+                and max(abs(match["dy"]), abs(match["dx"])) <= _NEAR_OFFSET_PX
+            )
             dy, dx = _pixels_of_smaller(pd.Series(match), a, b)
             rows.append({
                 "image_id_a": a["image_id"], "image_id_b": b["image_id"],
