@@ -79,7 +79,7 @@ _NEAR_OFFSET_PX = 0.5
 
 
 def thumbnails_of(manifest: pd.DataFrame) -> np.ndarray:
-    """Stack the stored thumbnails of a manifest into one ``(n, 64, 64)`` float32 array.
+    """Stack the stored thumbnails of a manifest into one ``(n, 64, 64)`` uint8 array.
 
     Raises
     ------
@@ -87,7 +87,7 @@ def thumbnails_of(manifest: pd.DataFrame) -> np.ndarray:
         When a ``thumbnail`` cell is not a 64x64 uint8 thumbnail (a manifest
         from an older leukflow: run ingest again).
     """
-    out = np.empty((len(manifest), THUMBNAIL_PX, THUMBNAIL_PX), np.float32)
+    out = np.empty((len(manifest), THUMBNAIL_PX, THUMBNAIL_PX), np.uint8)
     for i, (image_id, raw) in enumerate(zip(manifest["image_id"], manifest["thumbnail"],
                                             strict=True)):  # fmt: skip
         if not isinstance(raw, bytes) or len(raw) != THUMBNAIL_PX**2:
@@ -505,8 +505,8 @@ def verify_pairs(
             refs = sorted({i for q in part for i in by_query[q]})
             local = {i: n for n, i in enumerate(refs)}
             tasks.append((
-                thumbs[part].astype(np.uint8),
-                thumbs[refs].astype(np.uint8),
+                thumbs[part],
+                thumbs[refs],
                 [[local[i] for i in by_query[q]] for q in part],
             ))  # fmt: skip
         done = parallel_map(_verify_chunk, tasks, n_workers, desc="verify duplicates",
