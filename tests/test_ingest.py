@@ -271,24 +271,8 @@ def test_image_without_patient_id_is_its_own_group(tmp_path):
     assert len(rejects) == 0
 
 
-@pytest.mark.realdata
-def test_zheng_copied_image_is_found_as_exact_duplicate(shared_data):
-    from leukflow.data.ingest import find_duplicates
-
-    manifest, _ = ingest_datasets(
-        {"zheng": {"format": "zheng", "root": str(shared_data / "segmentation_WBC")}},
-        min_size_px=MIN_SIZE,
-    )
-    duplicates = find_duplicates(manifest, max_distance=0.005)
-    exact = duplicates[duplicates["kind"] == "exact"]
-    assert exact[["image_id_a", "image_id_b"]].values.tolist() == [
-        ["zheng/Dataset 1/112", "zheng/Dataset 1/139"]
-    ]
-    assert (duplicates["distance"] <= 0.005).all()
-
-
 def test_find_duplicates_exact_near_and_distinct(tmp_path):
-    from leukflow.data.ingest import find_duplicates
+    from leukflow.data.duplicates import find_duplicates
 
     rng = np.random.default_rng(0)
     base = (rng.random((64, 64, 3)) * 255).astype(np.uint8)
@@ -304,7 +288,12 @@ def test_find_duplicates_exact_near_and_distinct(tmp_path):
     manifest, _ = ingest_images(records, dataset="d", root=tmp_path, min_size_px=1)
     manifest["image_id"] = names
     pairs = find_duplicates(manifest, max_distance=0.005)
-    found = {(a, b): (k, d) for a, b, k, d in pairs.itertuples(index=False)}
+    found = {
+        (a, b): (k, d)
+        for a, b, k, d in pairs[["image_id_a", "image_id_b", "kind", "distance"]].itertuples(
+            index=False
+        )
+    }
     assert found[("a.png", "a_copy.bmp")] == ("exact", 0.0)
     assert found[("a.png", "a_brighter.png")][0] == "near"
     assert not any("b.png" in pair for pair in found)
@@ -391,7 +380,7 @@ def test_ingest_reads_measurements_of_known_content_from_the_cache(tmp_path, dem
 
 
 def test_twin_datasets_get_their_datasets_pairs_not_their_own_copies(tmp_path):
-    from leukflow.data.ingest import find_duplicates
+    from leukflow.data.duplicates import find_duplicates
 
     rng = np.random.default_rng(1)
     base = (rng.random((48, 48, 3)) * 255).astype(np.uint8)

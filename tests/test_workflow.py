@@ -12,6 +12,7 @@ import pytest
 import yaml
 import zarr
 
+from leukflow.data.duplicates import DUPLICATE_COLUMNS
 from leukflow.data.io import open_embeddings
 from leukflow.segment import match_rois_to_boxes
 
@@ -63,7 +64,7 @@ def test_e2e_ingest_keeps_every_file(e2e_run):
     assert manifest["sha256"].str.fullmatch(r"[0-9a-f]{64}").all()
     assert (manifest[["width", "height"]] == [640, 480]).all().all()
     duplicates = pd.read_csv(out / "duplicates.csv")
-    assert list(duplicates.columns) == ["image_id_a", "image_id_b", "kind", "distance"]
+    assert list(duplicates.columns) == DUPLICATE_COLUMNS
     assert len(duplicates) == 0  # every demo field is drawn anew
 
 

@@ -1,4 +1,4 @@
-# Ingest: dataset folders as downloaded -> manifest.parquet + rejects.csv.
+# Ingest: dataset folders as downloaded -> manifest.parquet, rejects.csv, duplicates.csv.
 
 for _name, _ds in DEMO_DATASETS.items():
 
@@ -36,6 +36,12 @@ rule ingest_images:
         duplicates=report(
             result("duplicates.csv"),
             caption="../report/duplicates.rst",
+            category="1. Ingest",
+            subcategory="rejects and duplicates",
+        ),
+        qa=report(
+            result("qa/duplicates.png"),
+            caption="../report/duplicates_qa.rst",
             category="1. Ingest",
             subcategory="rejects and duplicates",
         ),

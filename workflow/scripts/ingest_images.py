@@ -1,7 +1,8 @@
 """Rule ingest_images: dataset folders -> manifest.parquet, rejects.csv, duplicates.csv."""
 
 from leukflow.core.runlog import start_log
-from leukflow.data.ingest import find_duplicates, ingest_datasets
+from leukflow.data.duplicates import find_duplicates, plot_duplicates
+from leukflow.data.ingest import ingest_datasets
 from leukflow.data.io import write_table
 
 log = start_log(
@@ -14,12 +15,16 @@ manifest, rejects = ingest_datasets(
     n_workers=snakemake.threads,
     cache_dir=snakemake.params.cache_dir,
 )
-# folds.twin datasets repeat their dataset's files: each gets its dataset's pairs
+# folds.twin datasets repeat their dataset's files: each gets its dataset's pairs.
+# The search index lives in the cache: a re-run searches only new images.
 duplicates = find_duplicates(
     manifest,
     max_distance=snakemake.params.duplicate_max_distance,
     twins=snakemake.params.twins,
+    cache_dir=snakemake.params.cache_dir,
+    n_workers=snakemake.threads,
 )
 write_table(manifest, snakemake.output.manifest)
 write_table(rejects, snakemake.output.rejects)
 write_table(duplicates, snakemake.output.duplicates)
+plot_duplicates(manifest, duplicates, snakemake.output.qa)

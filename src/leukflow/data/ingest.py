@@ -73,7 +73,8 @@ def inspect_image(
     dict
         ``sha256`` (of the file), ``pixel_sha256`` (of the decoded RGB pixels),
         ``width``, ``height``, ``note`` (mode conversion) and ``thumbnail``
-        (:func:`image_thumbnail` as float16 bytes, for near-duplicate search).
+        (:func:`image_thumbnail`: 64x64 grey, uint8
+        bytes, for the duplicate search).
 
     Raises
     ------
@@ -97,7 +98,7 @@ def inspect_image(
             "width": rgb.shape[1],
             "height": rgb.shape[0],
             "note": note,
-            "thumbnail": image_thumbnail(rgb).astype(np.float16).tobytes(),
+            "thumbnail": image_thumbnail(rgb).tobytes(),
         }
         if entry is not None:
             meta = {k: v for k, v in found.items() if k != "thumbnail"}
@@ -318,102 +319,27 @@ def count_summary(
     return line
 
 
-DUPLICATE_COLUMNS = ["image_id_a", "image_id_b", "kind", "distance"]
+#: Side of the grey thumbnail stored for the duplicate search (uint8, row-major).
+THUMBNAIL_PX = 64
 
 
-def image_thumbnail(rgb: np.ndarray, size_px: int = 16) -> np.ndarray:
-    """Grey thumbnail, zero-mean and unit-norm: the dot product of two is their correlation.
+def image_thumbnail(rgb: np.ndarray, size_px: int = THUMBNAIL_PX) -> np.ndarray:
+    """Grey thumbnail of the whole image, squeezed to a square.
+
+    Squeezing (rather than padding) commutes with flips and 90-degree
+    rotations, so a turned copy gives the turned thumbnail.
 
     Parameters
     ----------
     rgb : numpy.ndarray
         ``(H, W, 3)`` uint8 image.
     size_px : int
-        Side of the square thumbnail.
+        Side of the thumbnail.
 
     Returns
     -------
     numpy.ndarray
-        ``(size_px * size_px,)`` float32.
+        ``(size_px, size_px)`` uint8, ITU-R 601 luma, area-averaged.
     """
-    grey = Image.fromarray(rgb).convert("L")  # ITU-R 601 luma
-    thumb = np.asarray(grey.resize((size_px, size_px), Image.Resampling.BOX), dtype=np.float64)
-    thumb = thumb.ravel() - thumb.mean()
-    norm = np.linalg.norm(thumb)
-    return (thumb / norm if norm > 0 else thumb).astype(np.float32)
-
-
-def find_duplicates(
-    manifest: pd.DataFrame,
-    *,
-    max_distance: float,
-    twins: Mapping[str, str] | None = None,
-) -> pd.DataFrame:
-    """Find exact and near-duplicate images across every dataset of a run.
-
-    Exact duplicates decode to the same pixels (the same file re-saved in
-    another format counts). Near duplicates have thumbnails whose correlation
-    is at least ``1 - max_distance`` (re-compressed, slightly rescaled or
-    re-stained copies).
-
-    A ``folds.twin`` dataset (``<name>_random`` or ``<name>_grouped``) holds
-    the same files as the dataset it copies. Searching its images too would
-    pair every image with its own copy; instead the search skips the twins and
-    repeats the pairs within a dataset for its twin, so the twin's folds group
-    the same copies together.
-
-    Parameters
-    ----------
-    manifest : pandas.DataFrame
-        ``image_id``, ``dataset``, ``pixel_sha256`` and ``thumbnail`` of every
-        image, as :func:`ingest_images` writes them; no image is decoded again.
-    max_distance : float
-        Largest ``1 - correlation`` of two thumbnails called a near duplicate;
-        0 keeps exact duplicates only.
-    twins : mapping, optional
-        Twin dataset -> the dataset it copies.
-
-    Returns
-    -------
-    pandas.DataFrame
-        ``image_id_a, image_id_b, kind`` (``exact`` or ``near``), ``distance``;
-        each twin's pairs follow, ids renamed ``<name>/...`` -> ``<twin>/...``.
-    """
-    twins = twins or {}
-    if twins:
-        manifest = manifest[~manifest["dataset"].isin(twins)]
-    ids = manifest["image_id"].tolist()
-    rows = []
-    for _, same in manifest.groupby("pixel_sha256", sort=False):
-        first, *copies = same["image_id"].tolist()
-        rows += [{"image_id_a": first, "image_id_b": c, "kind": "exact", "distance": 0.0}
-                 for c in copies]  # fmt: skip
-    pixels = manifest["pixel_sha256"].tolist()
-    thumbs = [np.frombuffer(t, dtype=np.float16) for t in manifest["thumbnail"]]
-    matrix = np.stack(thumbs).astype(np.float32) if thumbs else np.zeros((0, 1), np.float32)
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    matrix /= np.where(norms > 0, norms, 1)
-    block = 2048  # rows of the correlation matrix held at once
-    for start in range(0, len(ids) if max_distance > 0 else 0, block):
-        corr = matrix[start : start + block] @ matrix.T
-        for i, j in zip(*np.nonzero(corr >= 1 - max_distance), strict=True):
-            a = start + i
-            if a < j and pixels[a] != pixels[j]:
-                rows.append({"image_id_a": ids[a], "image_id_b": ids[j], "kind": "near",
-                             "distance": float(max(0.0, 1 - corr[i, j]))})  # fmt: skip
-    duplicates = pd.DataFrame(rows, columns=DUPLICATE_COLUMNS)
-    parts = [duplicates]
-    for twin, name in twins.items():
-        prefix = f"{name}/"
-        inside = duplicates["image_id_a"].str.startswith(prefix) & duplicates[
-            "image_id_b"
-        ].str.startswith(prefix)
-        renamed = duplicates[inside].copy()
-        for col in ("image_id_a", "image_id_b"):
-            renamed[col] = f"{twin}/" + renamed[col].str.slice(len(prefix))
-        parts.append(renamed)
-    duplicates = pd.concat(parts, ignore_index=True)
-    log.info(
-        "%d duplicate pairs (%s)", len(duplicates), duplicates["kind"].value_counts().to_dict()
-    )
-    return duplicates
+    grey = Image.fromarray(rgb).convert("L")
+    return np.asarray(grey.resize((size_px, size_px), Image.Resampling.BOX), dtype=np.uint8)

@@ -37,7 +37,7 @@ def group_patients(manifest: pd.DataFrame, duplicates: pd.DataFrame | None = Non
     manifest : pandas.DataFrame
         ``image_id, dataset, patient``.
     duplicates : pandas.DataFrame, optional
-        ``image_id_a, image_id_b`` pairs (see :func:`leukflow.data.ingest.find_duplicates`).
+        ``image_id_a, image_id_b`` pairs (see :func:`leukflow.data.duplicates.find_duplicates`).
 
     Returns
     -------
