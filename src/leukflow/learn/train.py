@@ -11,6 +11,11 @@ Training modes (``training``):
     layers to the head), each phase on a one-cycle schedule peaking at ``lr``;
     Adam betas (0.9, 0.99); crops, rotations, flips, shear, brightness and
     contrast. S1 as published uses ``lr`` 1e-3 and batches of 64.
+``s4``
+    Honest, with S4's YOLOv8 recipe (ultralytics' ``optimizer=auto``, see
+    :mod:`leukflow.learn.recipes`): AdamW at ``0.01 / (4 + classes)`` for runs of
+    at most 10,000 iterations of 64, else SGD at ``lr``; linear warm-up, then
+    linear decay to ``lr/100``; no decay on biases and norms; flips, rotations.
 ``all_labels``
     S0 as published, leaky: trained once on every ROI, test folds included.
 ``frozen``
@@ -55,10 +60,11 @@ from leukflow.learn.models import (
     resolve_weights,
     to_unit,
 )
+from leukflow.learn.recipes import auto_optimizer_choice, s4_lr, s4_optimizer
 
 log = logging.getLogger(__name__)
 
-TRAINING_MODES = ("per_fold", "s1", "all_labels", "frozen")
+TRAINING_MODES = ("per_fold", "s1", "s4", "all_labels", "frozen")
 #: Modes whose encoder is trained on every ROI or on none: one encoder for all folds.
 SHARED_MODES = ("all_labels", "frozen")
 S1_HEAD_EPOCHS = 2
@@ -86,7 +92,7 @@ def training_rows(
     Returns
     -------
     numpy.ndarray
-        Boolean mask: every ROI outside ``fold`` for ``per_fold`` and ``s1``,
+        Boolean mask: every ROI outside ``fold`` for ``per_fold``, ``s1`` and ``s4``,
         every ROI for ``all_labels`` and ``frozen`` (frozen uses them only for
         the label-free normalisation statistics) or with ``every_roi``.
     """
@@ -302,7 +308,8 @@ def train_encoder(
     epochs, batch_size : int
         Most epochs (early stopping may end sooner) and mini-batch size.
     lr : float
-        Adam learning rate (``s1``: the one-cycle maximum).
+        Adam learning rate (``s1``: the one-cycle maximum; ``s4``: SGD's rate,
+        used only when ultralytics' auto rule picks SGD).
     seed : int
         Seeds initialisation, inner split, batch order, augmentation, dropout.
     training : str
@@ -408,7 +415,7 @@ def train_encoder(
         x = normalise(x, mean, std)
         return x.contiguous(memory_format=torch.channels_last) if cuda else x
 
-    s1 = training == "s1"
+    s1, s4 = training == "s1", training == "s4"
     params = {"arch": arch, "weights": weights, "training": training, "size": size,
               "normalisation": normalisation, "epochs": epochs, "batch_size": batch_size,
               "lr": lr, "weight_decay": weight_decay, "seed": seed,
@@ -439,14 +446,20 @@ def train_encoder(
             phase = new_phase
             for p in model.backbone.parameters():
                 p.requires_grad_(phase == 1)
-            optimizer = torch.optim.Adam(
-                _param_groups(model, phase if s1 else 1, lr, weight_decay)
-                if s1
-                else [{"params": list(model.parameters()), "lr_scale": 1.0}],
-                lr=lr,
-                betas=S1_BETAS if s1 else (0.9, 0.999),
-                weight_decay=weight_decay,
-            )
+            if s4:
+                choice = auto_optimizer_choice(n_fit, batch_size, epochs, len(classes), lr)
+                log.info("s4: %s at lr %g (%d iterations of %d)", choice.name, choice.lr,
+                         choice.iterations, max(batch_size, 64))  # fmt: skip
+                optimizer = s4_optimizer(model, choice, weight_decay)
+            else:
+                optimizer = torch.optim.Adam(
+                    _param_groups(model, phase if s1 else 1, lr, weight_decay)
+                    if s1
+                    else [{"params": list(model.parameters()), "lr_scale": 1.0}],
+                    lr=lr,
+                    betas=S1_BETAS if s1 else (0.9, 0.999),
+                    weight_decay=weight_decay,
+                )
             if opt_state is not None and opt_phase == phase:
                 optimizer.load_state_dict(opt_state)
         phase_start = S1_HEAD_EPOCHS if s1 and phase == 1 else 0
@@ -458,8 +471,12 @@ def train_encoder(
             idx = torch.from_numpy(order[i : i + batch_size])
             if len(idx) < 2:  # batch norm needs two samples
                 continue
-            if s1:
-                rate = one_cycle_lr((epoch - phase_start) * steps + step, phase_epochs * steps, lr)
+            if s1 or s4:
+                rate = (
+                    one_cycle_lr((epoch - phase_start) * steps + step, phase_epochs * steps, lr)
+                    if s1
+                    else s4_lr(epoch * steps + step, steps, epochs, optimizer.defaults["lr"])
+                )
                 for group in optimizer.param_groups:
                     group["lr"] = rate * group["lr_scale"]
             step += 1
