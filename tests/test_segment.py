@@ -816,6 +816,9 @@ def test_split_touching_leaves_single_and_heavily_overlapping_discs_alone():
     assert segment.split_touching(blob).max() == 1
     small = _discs((120, 160), [(60, 50, 8), (60, 65, 8)]).astype(np.int32)  # pieces < 250 px
     assert segment.split_touching(small, min_area_px=250).max() == 1
+    # one label over separate components (otsu_contours' merge_components) stays one region
+    grouped = _discs((120, 160), [(60, 50, 25), (60, 97, 24), (15, 140, 12)]).astype(np.int32)
+    np.testing.assert_array_equal(segment.split_touching(grouped), grouped)
 
 
 def _lobed_nucleus(shape=(H, W), centre=(100, 120)):

@@ -319,7 +319,9 @@ def split_touching(
     * each piece has at least ``min_area_px`` pixels.
 
     Pairs that fail are merged back, the widest neck first, and the merged
-    piece is judged again, until every remaining border passes.
+    piece is judged again, until every remaining border passes. A region
+    made of separate components (``otsu_contours`` with ``merge_components``:
+    one cell per image on purpose) is left whole.
 
     Parameters
     ----------
@@ -360,6 +362,8 @@ def _split_region(
     """One region's pieces: ``(h, w)`` int labels (1 = the whole region when not split)."""
     whole = region.astype(np.int32)
     if region.sum() < 2 * min_area_px:
+        return whole
+    if ndi.label(region, structure=np.ones((3, 3)))[1] > 1:  # grouped on purpose: keep it
         return whole
     padded = np.pad(region, 1)
     dist = ndi.distance_transform_edt(padded)
