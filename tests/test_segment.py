@@ -862,6 +862,19 @@ def test_a_lobed_nucleus_stays_one_roi_with_split_touching():
     assert segment.split_touching(round_lobes.astype(np.int32)).max() == 3
 
 
+def test_split_touching_skips_methods_that_make_one_region_per_image():
+    pair = [(100, 90, 20), (100, 131, 20)]
+    img = field(pair, RED_CELLS[:1])
+    on = {"split_touching": True}
+    merged = SegmentParams(method="otsu_contours", **on)
+    assert not merged.splits
+    assert segment_field(img, merged).labels.max() == 1
+    apart = SegmentParams(method="otsu_contours", otsu_contours={"merge_components": False}, **on)
+    assert apart.splits
+    assert not SegmentParams(method="none", **on).splits
+    assert not SegmentParams().splits
+
+
 def test_split_touching_is_off_by_default_and_in_every_seed_preset():
     from pathlib import Path
 

@@ -68,7 +68,8 @@ class SegmentParams:
     hold those methods' parameters (keys left out take their defaults).
     ``split_touching`` cuts regions of touching cells apart
     (:func:`~leukflow.segment.methods.split_touching`, with the method's
-    ``min_area_px`` as the smallest piece).
+    ``min_area_px`` as the smallest piece) where the method finds several
+    cells per image (see :attr:`splits`).
     """
 
     method: str = "multiotsu"
@@ -149,6 +150,17 @@ class SegmentParams:
         if self.method == "center_crop":
             return {**CENTER_CROP_DEFAULTS, **self.center_crop}
         return {}
+
+    @property
+    def splits(self) -> bool:
+        """Whether ``split_touching`` applies to this method.
+
+        Not where a method makes one region per image on purpose
+        (``center_crop``, ``none``, ``otsu_contours`` merging its components).
+        """
+        if not self.split_touching or self.method in ("center_crop", "none"):
+            return False
+        return not (self.method == "otsu_contours" and self.method_params()["merge_components"])
 
     @property
     def split_min_area_px(self) -> int:
@@ -283,7 +295,7 @@ def segment_field(
     if reason:
         return FieldSegmentation(_zeros(small), small, scale, reason, note)
     finish = keep_central if params.keep_regions == "central" else None
-    if params.split_touching:
+    if params.splits:
         central = finish
 
         def finish(labels: np.ndarray) -> np.ndarray:
