@@ -1,5 +1,6 @@
 """Tests of segmentation (leukflow.segment) on synthetic fields with known answers."""
 
+import itertools
 import math
 from dataclasses import replace
 
@@ -787,3 +788,102 @@ def test_segment_params_from_the_validated_config():
     assert params.kmeans == cfg["kmeans"]
     with pytest.raises(KeyError, match="max_image_px"):
         SegmentParams.from_mapping({k: v for k, v in cfg.items() if k != "max_image_px"})
+
+
+# ------------------------------------------------------------ touching cells
+
+
+def _discs(shape, discs):
+    mask = np.zeros(shape, dtype=bool)
+    for cy, cx, r in discs:
+        mask[disk((cy, cx), r, shape=shape)] = True
+    return mask
+
+
+def test_split_touching_cuts_two_overlapping_discs_at_their_centres():
+    labels = _discs((120, 160), [(60, 50, 25), (60, 97, 24)]).astype(np.int32)  # overlap 2 px
+    regions = _regions(segment.split_touching(labels))
+    assert len(regions) == 2
+    for region, centre in zip(regions, [(60, 50), (60, 97)], strict=True):
+        assert math.dist(region.centroid, centre) < 1.5
+    assert sum(r.area for r in regions) == labels.sum()  # every pixel kept
+
+
+def test_split_touching_leaves_single_and_heavily_overlapping_discs_alone():
+    one = _discs((120, 160), [(60, 80, 25)]).astype(np.int32)
+    np.testing.assert_array_equal(segment.split_touching(one), one)
+    blob = _discs((120, 160), [(60, 65, 25), (60, 95, 25)]).astype(np.int32)  # 1.2 r apart
+    assert segment.split_touching(blob).max() == 1
+    small = _discs((120, 160), [(60, 50, 8), (60, 65, 8)]).astype(np.int32)  # pieces < 250 px
+    assert segment.split_touching(small, min_area_px=250).max() == 1
+    # one label over separate components (otsu_contours' merge_components) stays one region
+    grouped = _discs((120, 160), [(60, 50, 25), (60, 97, 24), (15, 140, 12)]).astype(np.int32)
+    np.testing.assert_array_equal(segment.split_touching(grouped), grouped)
+
+
+def _lobed_nucleus(shape=(H, W), centre=(100, 120)):
+    """A neutrophil-like nucleus: three elongated lobes along an arc, joined by thin strands."""
+    from skimage.draw import ellipse, line
+
+    cy, cx = centre
+    mask = np.zeros(shape, dtype=bool)
+    lobes = [(cy + 6, cx - 22, 0.9), (cy - 8, cx, 0.0), (cy + 6, cx + 22, -0.9)]
+    for ly, lx, angle in lobes:
+        mask[ellipse(ly, lx, 7, 14, shape=shape, rotation=angle)] = True
+    for (y0, x0, _), (y1, x1, _) in itertools.pairwise(lobes):
+        for dy in (-1, 0, 1):
+            rr, cc = line(y0 + dy, x0, y1 + dy, x1)
+            mask[rr, cc] = True
+    return mask
+
+
+def test_touching_nuclei_are_two_rois_with_split_touching():
+    pair = [(100, 90, 20), (100, 131, 20)]  # 1 px apart: the closing joins them
+    img = field(pair, RED_CELLS[:1])
+    assert segment_cells(img).max() == 1
+    seg = segment_field(img, replace(SegmentParams(), split_touching=True))
+    rois, _ = field_rois(seg, "pair", replace(SegmentParams(), split_touching=True))
+    assert len(rois) == 2
+    centres = sorted(zip(rois["centroid_y"], rois["centroid_x"], strict=True), key=lambda c: c[1])
+    assert math.dist(centres[0], (100, 90)) < 2
+    assert math.dist(centres[1], (100, 131)) < 2
+
+
+def test_a_lobed_nucleus_stays_one_roi_with_split_touching():
+    lobed = _lobed_nucleus()
+    img = field()
+    img[lobed] = NUCLEUS
+    params = replace(SegmentParams(), split_touching=True)
+    seg = segment_field(img, params)
+    assert seg.labels.max() == 1
+    assert segment.split_touching(lobed.astype(np.int32)).max() == 1
+    # round lobes on the same thin strands look like touching cells and are cut
+    round_lobes = _discs((H, W), [(106, 98, 12), (92, 120, 12), (106, 142, 12)]) | lobed
+    assert segment.split_touching(round_lobes.astype(np.int32)).max() == 3
+
+
+def test_split_touching_skips_methods_that_make_one_region_per_image():
+    pair = [(100, 90, 20), (100, 131, 20)]
+    img = field(pair, RED_CELLS[:1])
+    on = {"split_touching": True}
+    merged = SegmentParams(method="otsu_contours", **on)
+    assert not merged.splits
+    assert segment_field(img, merged).labels.max() == 1
+    apart = SegmentParams(method="otsu_contours", otsu_contours={"merge_components": False}, **on)
+    assert apart.splits
+    assert not SegmentParams(method="none", **on).splits
+    assert not SegmentParams().splits
+
+
+def test_split_touching_is_off_by_default_and_in_every_seed_preset():
+    from pathlib import Path
+
+    import yaml
+
+    from leukflow.core.config import validate_config
+
+    assert SegmentParams().split_touching is False
+    presets = sorted((Path(__file__).resolve().parents[1] / "config" / "presets").glob("s*.yaml"))
+    for preset in presets:
+        cfg = validate_config(yaml.safe_load(preset.read_text()), check_paths=False)
+        assert cfg["segmentation"]["split_touching"] is False, preset.name

@@ -3,7 +3,8 @@
 An :class:`Encoder` is a backbone that maps ``(B, 3, S, S)`` images to a flat
 ``(B, dim)`` embedding, followed by a linear classification ``head``. The
 backbones are torchvision's (ResNet, VGG, DenseNet, MobileNet, Inception v3)
-and leukflow's own (:mod:`leukflow.learn.nets`: Xception-like, S2's small CNN);
+and leukflow's own (:mod:`leukflow.learn.nets`: Xception-like, S2's small CNN,
+S4's YOLOv8 classifier in sizes n, s and m);
 ``hog`` (:mod:`leukflow.learn.hog`) is a fixed feature extractor with no network.
 
 Weights are ``"none"`` (from scratch), the path of a local state-dict file, or
@@ -28,7 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from leukflow.data.io import InvalidInputError, atomic_path
-from leukflow.learn.nets import SmallCNN, Xception
+from leukflow.learn.nets import SmallCNN, Xception, YOLOv8Cls
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,10 @@ def _tv(name: str, **kwargs) -> Callable[[int, bool], nn.Module]:
     return lambda _size, _pretrained: torchvision.models.get_model(name, weights=None, **kwargs)
 
 
+def _yolov8(scale: str) -> Callable[[int, bool], nn.Module]:
+    return lambda _size, _pretrained: YOLOv8Cls(scale)
+
+
 def _inception(_size: int, pretrained: bool) -> nn.Module:
     # No auxiliary head (training uses the main logits only). Google's weights
     # expect inputs in [-1, 1]: transform_input maps ImageNet-normalised inputs there.
@@ -96,6 +101,10 @@ ARCHITECTURES: dict[str, Arch] = {
     "small_cnn": Arch(
         lambda size, _p: SmallCNN(input_size_px=size), "fc", 96, min_input_px=4, torchvision=False
     ),
+    **{
+        f"yolov8{scale}_cls": Arch(_yolov8(scale), "model.9.linear", 1280, torchvision=False)
+        for scale in ("n", "s", "m")
+    },
 }
 
 #: Every value ``arch`` takes: the networks above and the HOG feature extractor.

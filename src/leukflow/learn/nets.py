@@ -1,10 +1,13 @@
-"""Networks that torchvision lacks: an Xception-like net (S3) and S2's small CNN.
+"""Networks that torchvision lacks: Xception-like (S3), S2's small CNN, YOLOv8-cls (S4).
 
-Both end in ``fc`` (a ``Linear`` classifier) after a flat feature vector, as
-torchvision's ResNets do, so that :mod:`leukflow.learn.models` treats them alike.
+Each ends in a ``Linear`` classifier after a flat feature vector (``fc``, as
+torchvision's ResNets, or ``model.9.linear`` for YOLOv8), so that
+:mod:`leukflow.learn.models` treats them alike.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -158,3 +161,143 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, 3, S, S)`` -> ``(B, num_classes)`` logits."""
         return self.fc(self.dense(self.features(x)))
+
+
+# ------------------------------------------------------------------ YOLOv8-cls
+
+#: Published YOLOv8 classification scales: (depth multiple, width multiple, max channels).
+YOLOV8_SCALES = {"n": (0.33, 0.25, 1024), "s": (0.33, 0.50, 1024), "m": (0.67, 0.75, 1024)}
+
+
+class ConvBNSiLU(nn.Module):
+    """Convolution (no bias, "same" padding), batch norm, SiLU: YOLOv8's ``Conv``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int = 1, stride: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(
+            in_channels, out_channels, kernel, stride, padding=kernel // 2, bias=False
+        )
+        # YOLOv8's batch-norm settings (ultralytics' initialize_weights)
+        self.bn = nn.BatchNorm2d(out_channels, eps=1e-3, momentum=0.03)
+        self.act = nn.SiLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Convolve, normalise, activate."""
+        return self.act(self.bn(self.conv(x)))
+
+
+class Bottleneck(nn.Module):
+    """Two 3x3 ``ConvBNSiLU`` with a residual sum (channels kept)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.cv1 = ConvBNSiLU(channels, channels, 3)
+        self.cv2 = ConvBNSiLU(channels, channels, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual sum of the two convolutions and the input."""
+        return x + self.cv2(self.cv1(x))
+
+
+class C2f(nn.Module):
+    """YOLOv8's CSP block: split in two halves, ``n`` bottlenecks on one, concatenate all.
+
+    Parameters
+    ----------
+    in_channels, out_channels : int
+        Channels in and out.
+    n : int
+        Bottlenecks; each one's output joins the concatenation.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, n: int):
+        super().__init__()
+        self.c = out_channels // 2
+        self.cv1 = ConvBNSiLU(in_channels, 2 * self.c, 1)
+        self.cv2 = ConvBNSiLU((2 + n) * self.c, out_channels, 1)
+        self.m = nn.ModuleList(Bottleneck(self.c) for _ in range(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, in, H, W)`` -> ``(B, out, H, W)``."""
+        y = list(self.cv1(x).chunk(2, 1))
+        for block in self.m:
+            y.append(block(y[-1]))
+        return self.cv2(torch.cat(y, 1))
+
+
+class ClassifyHead(nn.Module):
+    """YOLOv8's ``Classify``: 1x1 conv to 1280 channels, global average, dropout, linear."""
+
+    def __init__(self, in_channels: int, num_classes: int, dropout: float = 0.0):
+        super().__init__()
+        self.conv = ConvBNSiLU(in_channels, 1280, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(dropout)
+        self.linear = nn.Linear(1280, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` -> ``(B, num_classes)`` logits."""
+        return self.linear(self.drop(self.pool(self.conv(x)).flatten(1)))
+
+
+def _width(channels: int, multiple: float, max_channels: int) -> int:
+    # ultralytics' make_divisible(min(c, max) * width, 8)
+    return int(math.ceil(min(channels, max_channels) * multiple / 8) * 8)
+
+
+class YOLOv8Cls(nn.Module):
+    """YOLOv8 classification network (Jocher et al. 2023) built from torch layers.
+
+    The CSP-Darknet backbone of ``yolov8-cls.yaml`` (five stride-2 convolutions,
+    C2f blocks of 3, 6, 6, 3 bottlenecks times the depth multiple) and the
+    ``Classify`` head.
+
+    Parameters
+    ----------
+    scale : {"n", "s", "m"}
+        Depth and width multiples of :data:`YOLOV8_SCALES`.
+    num_classes : int
+        Outputs of the final linear layer (``model.9.linear``).
+    dropout : float
+        Dropout before the linear layer (ultralytics' default 0.0).
+
+    Notes
+    -----
+    The module names are ultralytics' (``model.0.conv``, ``model.2.m.0.cv1``,
+    ``model.9.linear``...), so the state dict of an ultralytics classification
+    model (``ckpt["model"].float().state_dict()``, saved as a plain file) loads
+    as ``weights``. The embedding is the 1280-d pooled output of the head's
+    1x1 convolution. Inputs of 32 px and more give a 1x1 map or larger (the
+    net downsamples 32 times); 224 px is YOLOv8-cls's default.
+    """
+
+    def __init__(self, scale: str = "n", num_classes: int = 1000, dropout: float = 0.0):
+        super().__init__()
+        if scale not in YOLOV8_SCALES:
+            raise ValueError(
+                f"YOLOv8Cls: scale must be one of {list(YOLOV8_SCALES)}; got {scale!r}"
+            )
+        depth, width, max_channels = YOLOV8_SCALES[scale]
+
+        def ch(c: int) -> int:
+            return _width(c, width, max_channels)
+
+        def reps(n: int) -> int:
+            return max(round(n * depth), 1)
+
+        self.model = nn.Sequential(
+            ConvBNSiLU(3, ch(64), 3, 2),  # P1/2
+            ConvBNSiLU(ch(64), ch(128), 3, 2),  # P2/4
+            C2f(ch(128), ch(128), reps(3)),
+            ConvBNSiLU(ch(128), ch(256), 3, 2),  # P3/8
+            C2f(ch(256), ch(256), reps(6)),
+            ConvBNSiLU(ch(256), ch(512), 3, 2),  # P4/16
+            C2f(ch(512), ch(512), reps(6)),
+            ConvBNSiLU(ch(512), ch(1024), 3, 2),  # P5/32
+            C2f(ch(1024), ch(1024), reps(3)),
+            ClassifyHead(ch(1024), num_classes, dropout),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` -> ``(B, num_classes)`` logits."""
+        return self.model(x)

@@ -11,6 +11,11 @@ Training modes (``training``):
     layers to the head), each phase on a one-cycle schedule peaking at ``lr``;
     Adam betas (0.9, 0.99); crops, rotations, flips, shear, brightness and
     contrast. S1 as published uses ``lr`` 1e-3 and batches of 64.
+``s4``
+    Honest, with S4's YOLOv8 recipe (ultralytics' ``optimizer=auto``, see
+    :mod:`leukflow.learn.recipes`): AdamW at ``0.01 / (4 + classes)`` for runs of
+    at most 10,000 iterations of 64, else SGD at ``lr``; linear warm-up, then
+    linear decay to ``lr/100``; no decay on biases and norms; flips, rotations.
 ``all_labels``
     S0 as published, leaky: trained once on every ROI, test folds included.
 ``frozen``
@@ -56,10 +61,11 @@ from leukflow.learn.models import (
     resolve_weights,
     to_unit,
 )
+from leukflow.learn.recipes import auto_optimizer_choice, s4_lr, s4_optimizer
 
 log = logging.getLogger(__name__)
 
-TRAINING_MODES = ("per_fold", "s1", "all_labels", "frozen")
+TRAINING_MODES = ("per_fold", "s1", "s4", "all_labels", "frozen")
 #: Modes whose encoder is trained on every ROI or on none: one encoder for all folds.
 SHARED_MODES = ("all_labels", "frozen")
 S1_HEAD_EPOCHS = 2
@@ -87,7 +93,7 @@ def training_rows(
     Returns
     -------
     numpy.ndarray
-        Boolean mask: every ROI outside ``fold`` for ``per_fold`` and ``s1``,
+        Boolean mask: every ROI outside ``fold`` for ``per_fold``, ``s1`` and ``s4``,
         every ROI for ``all_labels`` and ``frozen`` (frozen uses them only for
         the label-free normalisation statistics) or with ``every_roi``.
     """
@@ -303,7 +309,8 @@ def train_encoder(
     epochs, batch_size : int
         Most epochs (early stopping may end sooner) and mini-batch size.
     lr : float
-        Adam learning rate (``s1``: the one-cycle maximum).
+        Adam learning rate (``s1``: the one-cycle maximum; ``s4``: SGD's rate,
+        used only when ultralytics' auto rule picks SGD).
     seed : int
         Seeds initialisation, inner split, batch order, augmentation, dropout.
     training : str
@@ -367,7 +374,8 @@ def train_encoder(
     if data.cuda:
         model = model.to(memory_format=torch.channels_last)
     plan = _Plan(training=training, epochs=epochs, batch_size=batch_size, lr=lr,
-                 weight_decay=weight_decay, patience=patience)  # fmt: skip
+                 weight_decay=weight_decay, patience=patience, n_fit=len(fit),
+                 n_classes=len(classes))  # fmt: skip
     settings = {"arch": arch, "weights": weights, "training": training, "size": size,
                 "normalisation": normalisation, "epochs": epochs, "batch_size": batch_size,
                 "lr": lr, "weight_decay": weight_decay, "seed": seed,
@@ -493,6 +501,8 @@ class _Plan:
     lr: float
     weight_decay: float
     patience: int
+    n_fit: int = 0  # training rows (S4's optimiser choice counts its iterations)
+    n_classes: int = 2
 
     @property
     def s1(self) -> bool:
@@ -507,17 +517,33 @@ class _Plan:
         start = S1_HEAD_EPOCHS if self.s1 and phase == 1 else 0
         return start, (min(self.epochs, S1_HEAD_EPOCHS) if phase == 0 else self.epochs - start)
 
-    def one_cycle(self, epoch: int, phase: int, steps: int) -> tuple[int, int] | None:
-        """S1: steps of ``phase`` before ``epoch`` and in all (``steps`` an epoch); else None."""
-        if not self.s1:
-            return None
-        start, n_epochs = self.phase_span(phase)
-        return (epoch - start) * steps, n_epochs * steps
+    def step_rates(
+        self, epoch: int, phase: int, steps: int, base_lr: float
+    ) -> Callable[[int], float] | None:
+        """Rate of each step of ``epoch`` (``steps`` an epoch); None: the optimiser's own.
 
-    def optimizer(self, model: Encoder, phase: int) -> torch.optim.Adam:
-        """Adam over the layers ``phase`` trains (S1: discriminative rates, its betas)."""
+        S1: the one-cycle over ``phase``'s steps; S4: warm-up and linear decay
+        from the rate its optimiser choice gave (``base_lr``).
+        """
+        if self.s1:
+            start, n_epochs = self.phase_span(phase)
+            done, total = (epoch - start) * steps, n_epochs * steps
+            return lambda step: one_cycle_lr(done + step, total, self.lr)
+        if self.training == "s4":
+            return lambda step: s4_lr(epoch * steps + step, steps, self.epochs, base_lr)
+        return None
+
+    def optimizer(self, model: Encoder, phase: int) -> torch.optim.Optimizer:
+        """Adam over the layers ``phase`` trains (S1: discriminative rates; S4: its auto rule)."""
         for p in model.backbone.parameters():
             p.requires_grad_(phase == 1)
+        if self.training == "s4":
+            choice = auto_optimizer_choice(
+                self.n_fit, self.batch_size, self.epochs, self.n_classes, self.lr
+            )
+            log.info("s4: %s at lr %g (%d iterations of %d)", choice.name, choice.lr,
+                     choice.iterations, max(self.batch_size, 64))  # fmt: skip
+            return s4_optimizer(model, choice, self.weight_decay)
         groups = (
             _param_groups(model, phase, self.lr, self.weight_decay)
             if self.s1
@@ -615,9 +641,9 @@ def _run_epochs(
             optimizer = plan.optimizer(model, phase)
             if progress.optimizer is not None and progress.phase == phase:
                 optimizer.load_state_dict(progress.optimizer)
-        cycle = plan.one_cycle(epoch, phase, steps)
+        rates = plan.step_rates(epoch, phase, steps, optimizer.defaults["lr"])
         begin = time.perf_counter()
-        loss, accuracy = _train_epoch(model, optimizer, data, fit, gen, plan, cycle)
+        loss, accuracy = _train_epoch(model, optimizer, data, fit, gen, plan, rates)
         val_loss, val_acc = _evaluate(model, data.x, data.y, val, data.prep, 2 * plan.batch_size)
         row = {"epoch": epoch + 1, "loss": loss, "accuracy": accuracy, "val_loss": val_loss,
                "val_accuracy": val_acc, "lr": optimizer.param_groups[-1]["lr"],
@@ -642,13 +668,12 @@ def _train_epoch(
     fit: np.ndarray,
     gen: torch.Generator,
     plan: _Plan,
-    cycle: tuple[int, int] | None,
+    rates: Callable[[int], float] | None,
 ) -> tuple[float, float]:
     """Run one pass over the training rows in a random order: mean loss and accuracy.
 
-    ``cycle`` (S1): the one-cycle steps before this epoch in its phase, and
-    the phase's steps; each parameter group runs at its ``lr_scale`` of the
-    cycle's rate.
+    ``rates`` (S1, S4): the rate of each step of this epoch; each parameter
+    group runs at its ``lr_scale`` of it.
     """
     batch_size = plan.batch_size
     model.train()
@@ -659,8 +684,8 @@ def _train_epoch(
         idx = torch.from_numpy(order[i : i + batch_size])
         if len(idx) < 2:  # batch norm needs two samples
             continue
-        if cycle is not None:
-            rate = one_cycle_lr(cycle[0] + step, cycle[1], plan.lr)
+        if rates is not None:
+            rate = rates(step)
             for group in optimizer.param_groups:
                 group["lr"] = rate * group["lr_scale"]
         step += 1

@@ -16,6 +16,9 @@ each, ``method(rgb, **params) -> (H, W) int32 labels``, registered by name in
 ``none``
     the image is already one cell.
 
+Any method's regions of touching cells can be cut apart
+(:func:`~leukflow.segment.methods.split_touching`, ``split_touching``).
+
 :func:`~leukflow.segment.rois.segment_field` adds what every method shares
 (downscaling of huge fields, the checks that give a reason instead of ROIs,
 keeping the central region), :func:`extract_rois` cuts the same ROI record from
@@ -48,6 +51,7 @@ from leukflow.segment.methods import (
     label_regions,
     segment_cells,
     select_kmeans,
+    split_touching,
 )
 from leukflow.segment.rois import (
     IMAGE_COLUMNS,
@@ -93,6 +97,7 @@ __all__ = [
     "segment_images",
     "segment_to_store",
     "select_kmeans",
+    "split_touching",
     "ssim",
     "summarise_k_scores",
     "truth_masks",

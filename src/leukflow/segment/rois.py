@@ -27,6 +27,7 @@ from leukflow.segment.methods import (
     keep_central,
     segment_cells,
     select_kmeans,
+    split_touching,
 )
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,10 @@ class SegmentParams:
     ``channel``, ``classes``, ``min_area_px`` and ``closing_radius_px`` are the
     ``multiotsu`` method's; ``kmeans``, ``otsu_contours`` and ``center_crop``
     hold those methods' parameters (keys left out take their defaults).
+    ``split_touching`` cuts regions of touching cells apart
+    (:func:`~leukflow.segment.methods.split_touching`, with the method's
+    ``min_area_px`` as the smallest piece) where the method finds several
+    cells per image (see :attr:`splits`).
     """
 
     method: str = _DEFAULT["method"]
@@ -77,6 +82,7 @@ class SegmentParams:
     otsu_contours: Mapping[str, Any] = field(default_factory=dict)
     center_crop: Mapping[str, Any] = field(default_factory=dict)
     keep_regions: str = _DEFAULT["keep_regions"]
+    split_touching: bool = _DEFAULT["split_touching"]
     mask_background: bool = _DEFAULT["mask_background"]
     roi_margin: float = _DEFAULT["roi_margin"]
     roi_size_px: int = _DEFAULT["roi_size_px"]
@@ -145,6 +151,26 @@ class SegmentParams:
         if self.method == "center_crop":
             return {**CENTER_CROP_DEFAULTS, **self.center_crop}
         return {}
+
+    @property
+    def splits(self) -> bool:
+        """Whether ``split_touching`` applies to this method.
+
+        Not where a method makes one region per image on purpose
+        (``center_crop``, ``none``, ``otsu_contours`` merging its components).
+        """
+        if not self.split_touching or self.method in ("center_crop", "none"):
+            return False
+        return not (self.method == "otsu_contours" and self.method_params()["merge_components"])
+
+    @property
+    def split_min_area_px(self) -> int:
+        """The smallest piece :func:`split_touching` may leave: the method's own area limit."""
+        if self.method == "kmeans":
+            return int(self.kmeans_params["min_area_px"])
+        if self.method == "otsu_contours":
+            return int(self.method_params()["min_area_px"])
+        return self.min_area_px
 
     @property
     def uses_masks(self) -> bool:
@@ -238,7 +264,8 @@ def segment_field(
 
     Fields above ``max_image_px`` are downscaled first (with a note). Fields
     that are too dark, saturated or blank give no labels and that reason; a
-    field in which the method finds nothing gives ``no_cell``.
+    field in which the method finds nothing gives ``no_cell``. Touching cells
+    are split (``split_touching``) before the central region is kept.
 
     Parameters
     ----------
@@ -269,6 +296,13 @@ def segment_field(
     if reason:
         return FieldSegmentation(_zeros(small), small, scale, reason, note)
     finish = keep_central if params.keep_regions == "central" else None
+    if params.splits:
+        central = finish
+
+        def finish(labels: np.ndarray) -> np.ndarray:
+            labels = split_touching(labels, min_area_px=params.split_min_area_px)
+            return central(labels) if central is not None else labels
+
     km = params.kmeans_params
     k, k_scores = (km["k"] if params.method == "kmeans" else 0), []
     if params.uses_masks and truth is not None:
