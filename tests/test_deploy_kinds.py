@@ -44,7 +44,9 @@ def field_path(work, image_id):
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize(("encoder", "classifier"), list(KINDS), ids="/".join)
+@pytest.mark.parametrize(
+    ("encoder", "classifier"), list(KINDS), ids=[f"{e}/{c}" for e, c in KINDS]
+)
 def test_predict_reproduces_the_holdout_runs_test_predictions(kinds_run, encoder, classifier):
     work, out = kinds_run
     saved = saved_predictions(out, encoder, classifier)
