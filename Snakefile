@@ -41,4 +41,4 @@ include: "workflow/rules/provenance.smk"
 rule all:
     default_target: True
     input:
-        final_outputs(),
+        PLAN.final_outputs(),

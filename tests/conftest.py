@@ -48,3 +48,54 @@ def e2e_run(tmp_path_factory):
     run = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     return work, work / "out"
+
+
+#: The models of ``kinds_run``: every kind that predict and serve must load.
+KINDS_CONFIG = {
+    "results_dir": "out",
+    "datasets": {
+        "demo": {
+            "format": "demo",
+            "root": "demo",
+            "n_fields": 12,
+            "seed": 5,
+            "fields_per_patient": 2,
+        }
+    },
+    "segmentation": {"roi_size_px": 32},
+    "folds": {"holdout_fraction": 0.34},
+    "encoders": {
+        "small": {"arch": "small_cnn", "epochs": 1, "batch_size": 16},
+        "shared": {"arch": "small_cnn", "training": "all_labels", "epochs": 1, "batch_size": 16},
+        "frozen": {"arch": "small_cnn", "training": "frozen"},
+        "hog": {"arch": "hog", "training": "frozen"},
+    },
+    "classifiers": {"knn": {"n_neighbors": 3}, "cnn_softmax": {}},
+    "evaluation": {
+        "n_boot": 50,
+        "ensembles": {
+            "soft2": {"members": ["small/knn", "shared/cnn_softmax"], "vote": "soft"},
+            "maj3": {
+                "members": ["hog/knn", "small/cnn_softmax", "frozen/knn"],
+                "vote": "majority",
+            },
+        },
+    },
+}
+
+
+@pytest.fixture(scope="session")
+def kinds_run(tmp_path_factory):
+    """A holdout run on 12 demo fields with every kind of model predict must deploy.
+
+    Per-fold, all_labels, frozen and HOG encoders, fitted knn and the cnn_softmax
+    heads, a soft and a majority ensemble: one tiny Snakemake run, shared by the
+    predict and serve tests of each kind.
+    """
+    work = tmp_path_factory.mktemp("kinds")
+    (work / "my.yaml").write_text(yaml.safe_dump(KINDS_CONFIG))
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
+    cmd += ["--cores", "2", "--configfile", "my.yaml"]
+    run = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return work, work / "out"

@@ -59,7 +59,9 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
     )
     for kind in ("dataset", "encoder", "classifier"):
         parser.add_argument(
-            f"--{kind}", help=f"which of the run's {kind}s (default: the first, alphabetically)"
+            f"--{kind}",
+            help=f"which of the run's {kind}s (default: the first in the run's config; "
+            "an ensemble is --encoder ensemble --classifier <name>)",
         )
     parser.add_argument(
         "--device", help="torch device for the encoders (default: cuda when present, else cpu)"
@@ -96,9 +98,14 @@ def _predict(args: argparse.Namespace) -> int:
     ok = images["status"] == "ok"
     calls = images.loc[ok, "label"].value_counts().to_dict()
     reasons = images.loc[images["reason"] != "", "reason"].value_counts().to_dict()
+    models = (
+        f"{predictor.vote} vote of {len(predictor.members)} models"
+        if predictor.vote
+        else f"{len(predictor.folds)} folds averaged"
+    )
     print(  # noqa: T201
         f"{len(images)} images ({predictor.dataset} / {predictor.encoder} / "
-        f"{predictor.classifier}, {len(predictor.folds)} folds averaged, {predictor.device}): "
+        f"{predictor.classifier}, {models}, {predictor.device}): "
         f"calls {calls}; without ROIs or unreadable {reasons or 'none'}\n"
         f"ROIs: {args.out}\nimages: {image_table_path(args.out)}"
     )

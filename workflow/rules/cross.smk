@@ -4,31 +4,22 @@
 # the train dataset and scored on the whole test dataset (CIs resample its
 # patient groups) -> cross_dataset.csv and its train x test heatmap.
 
-CROSS_PAIRS = [(p["train"], p["test"]) for p in config["evaluation"]["cross_dataset"]]
-for _i, (_train, _test) in enumerate(CROSS_PAIRS):
-    check_cross_pair(_i, _train, _test)
-if CROSS_PAIRS and not FITTED:
-    raise ValueError(
-        "evaluation.cross_dataset: needs a fitted classifier under classifiers "
-        "besides cnn_softmax, which is not scored across datasets"
-    )
-
 
 rule embed_cross_rois:
     input:
-        checkpoints=cross_checkpoint,
-        rois=result("segment/{dataset}/rois.parquet"),
-        crops=result("segment/{dataset}/crops.zarr"),
+        checkpoints=lambda wc: [PLAN.cross_checkpoint(wc.train, wc.encoder)],
+        rois=PLAN.segment_file("rois.parquet"),
+        crops=PLAN.segment_file("crops.zarr"),
         manifest=result("manifest.parquet"),
     output:
-        store=directory(cross_store("{dataset}")),
-        ids=result("cross/embeddings/{train}/{encoder}/{dataset}_rois.parquet"),
+        store=directory(PLAN.cross_store()),
+        ids=PLAN.cross_ids(),
     log:
         logfile("cross/embed/{train}/{encoder}/{dataset}.log"),
     benchmark:
         benchfile("cross/embed/{train}/{encoder}/{dataset}.tsv")
     wildcard_constraints:
-        train="|".join(DATASETS),
+        train="|".join(PLAN.datasets),
     conda:
         "../../envs/leukflow.yaml"
     threads: 2
@@ -36,7 +27,7 @@ rule embed_cross_rois:
         **gpu_resources(),
         mem_mb=attempt_mem_mb(4000),
     params:
-        batch_size=lambda wc: ENCODERS[wc.encoder]["embed_batch_size"],
+        batch_size=lambda wc: PLAN.encoders[wc.encoder]["embed_batch_size"],
         segmentation=config["segmentation"],
         cache_dir=result("cache"),
     script:
@@ -45,32 +36,30 @@ rule embed_cross_rois:
 
 rule fit_cross_classifiers:
     input:
-        train_store=cross_store("{train}"),
-        train_ids=result("cross/embeddings/{train}/{encoder}/{train}_rois.parquet"),
-        test_store=cross_store("{test}"),
-        test_ids=result("cross/embeddings/{train}/{encoder}/{test}_rois.parquet"),
+        train_store=PLAN.cross_store("{train}"),
+        train_ids=PLAN.cross_ids("{train}"),
+        test_store=PLAN.cross_store("{test}"),
+        test_ids=PLAN.cross_ids("{test}"),
         folds=result("folds.csv"),
         manifest=result("manifest.parquet"),
         duplicates=result("duplicates.csv"),
     output:
-        roi_predictions=result("cross/{train}/{test}/{encoder}/roi_predictions.parquet"),
-        image_predictions=result(
-            "cross/{train}/{test}/{encoder}/image_predictions.parquet"
-        ),
-        metrics=result("cross/{train}/{test}/{encoder}/metrics.csv"),
+        roi_predictions=PLAN.cross_file("roi_predictions.parquet"),
+        image_predictions=PLAN.cross_file("image_predictions.parquet"),
+        metrics=PLAN.cross_file("metrics.csv"),
     log:
         logfile("cross/{train}/{test}/{encoder}.log"),
     benchmark:
         benchfile("cross/{train}/{test}/{encoder}.tsv")
     wildcard_constraints:
-        train="|".join(DATASETS),
-        test="|".join(DATASETS),
+        train="|".join(PLAN.datasets),
+        test="|".join(PLAN.datasets),
     conda:
         "../../envs/leukflow.yaml"
     threads: 1
     params:
         **{k: v for k, v in EVALUATION_PARAMS.items() if k != "plot_kinds"},
-        classifiers=FITTED,
+        classifiers=PLAN.fitted,
         inner_folds=config["evaluation"]["inner_folds"],
     script:
         "../scripts/fit_cross_classifiers.py"
@@ -79,9 +68,9 @@ rule fit_cross_classifiers:
 rule summarise_cross_dataset:
     input:
         metrics=[
-            result(f"cross/{train}/{test}/{encoder}/metrics.csv")
-            for train, test in CROSS_PAIRS
-            for encoder in ENCODERS
+            PLAN.cross_file("metrics.csv", train, test, encoder)
+            for train, test in PLAN.cross_pairs
+            for encoder in PLAN.encoders
         ],
         within=result("metrics.csv"),
     output:

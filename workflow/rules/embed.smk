@@ -3,13 +3,13 @@
 
 rule embed_rois:
     input:
-        checkpoints=fold_checkpoints,
-        rois=result("segment/{dataset}/rois.parquet"),
-        crops=result("segment/{dataset}/crops.zarr"),
+        checkpoints=lambda wc: PLAN.checkpoints(wc.dataset, wc.encoder),
+        rois=PLAN.segment_file("rois.parquet"),
+        crops=PLAN.segment_file("crops.zarr"),
         manifest=result("manifest.parquet"),
     output:
-        store=directory(result("embeddings/{dataset}/{encoder}.zarr")),
-        ids=result("embeddings/{dataset}/{encoder}_rois.parquet"),
+        store=directory(PLAN.embeddings()),
+        ids=PLAN.embedding_ids(),
     log:
         logfile("embed/{dataset}/{encoder}.log"),
     benchmark:
@@ -21,7 +21,7 @@ rule embed_rois:
         **gpu_resources(),
         mem_mb=attempt_mem_mb(4000),
     params:
-        batch_size=lambda wc: ENCODERS[wc.encoder]["embed_batch_size"],
+        batch_size=lambda wc: PLAN.encoders[wc.encoder]["embed_batch_size"],
         segmentation=config["segmentation"],
         cache_dir=result("cache"),
     script:

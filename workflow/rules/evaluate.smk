@@ -4,88 +4,43 @@
 # all in metrics.csv, and the leaky and honest figures beside the papers' in
 # comparison.csv.
 
-# Plots per dataset x encoder x classifier, plots/<dataset>/<encoder>/<classifier>_<kind>.png;
-# fit_classifiers names one output list per kind.
-PLOT_KINDS = ["confusion", "roc", "calibration", "wbc_count"]
-CNN_SOFTMAX = "cnn_softmax"
-FITTED = {name: p for name, p in CLASSIFIERS.items() if name != CNN_SOFTMAX}
-# encoders with a trained head, whose softmax the store keeps under probs/
-HEADS = [
-    e
-    for e, enc in ENCODERS.items()
-    if enc["training"] != "frozen" and enc["arch"] != "hog"
-]
-SOFTMAX_ENCODERS = HEADS if CNN_SOFTMAX in CLASSIFIERS else []
-ENSEMBLES = config["evaluation"]["ensembles"]
-
-
-for _name, _ens in ENSEMBLES.items():
-    for _member in _ens["members"]:
-        check_ensemble_member(_name, _member)
-
-
-EVALUATION_PARAMS = dict(
-    positive_label=config["positive_label"],
-    image_aggregation=config["evaluation"]["image_aggregation"],
-    any_positive_threshold=config["evaluation"]["any_positive_threshold"],
-    n_boot=config["evaluation"]["n_boot"],
-    bootstrap_seed=config["evaluation"]["bootstrap_seed"],
-    ci_level=config["evaluation"]["ci_level"],
-    plot_kinds=PLOT_KINDS,
-)
+# Plots per dataset x model, plots/<dataset>/<encoder>/<classifier>_<kind>.png
+# (PLAN.plot); fit_classifiers names one output list per kind.
 
 
 rule fit_classifiers:
     input:
-        store=result("embeddings/{dataset}/{encoder}.zarr"),
-        ids=result("embeddings/{dataset}/{encoder}_rois.parquet"),
+        store=PLAN.embeddings(),
+        ids=PLAN.embedding_ids(),
         folds=result("folds.csv"),
     output:
-        roi_predictions=result("evaluate/{dataset}/{encoder}/roi_predictions.parquet"),
-        image_predictions=result(
-            "evaluate/{dataset}/{encoder}/image_predictions.parquet"
-        ),
-        metrics=result("evaluate/{dataset}/{encoder}/metrics.csv"),
-        metrics_per_class=result("evaluate/{dataset}/{encoder}/metrics_per_class.csv"),
-        models=expand(
-            result(
-                "evaluate/{{dataset}}/{{encoder}}/models/{classifier}_fold_{fold}.skops"
-            ),
-            classifier=FITTED,
-            fold=FOLDS,
-        ),
+        roi_predictions=PLAN.fitted_file("roi_predictions.parquet"),
+        image_predictions=PLAN.fitted_file("image_predictions.parquet"),
+        metrics=PLAN.fitted_file("metrics.csv"),
+        metrics_per_class=PLAN.fitted_file("metrics_per_class.csv"),
+        models=[
+            PLAN.model(classifier=c, fold=k) for c in PLAN.fitted for k in PLAN.folds
+        ],
         confusion=report(
-            expand(
-                result("plots/{{dataset}}/{{encoder}}/{classifier}_confusion.png"),
-                classifier=FITTED,
-            ),
+            [PLAN.plot("confusion", classifier=c) for c in PLAN.fitted],
             caption="../report/confusion.rst",
             category="5. Plots",
             subcategory="{dataset} / {encoder}",
         ),
         roc=report(
-            expand(
-                result("plots/{{dataset}}/{{encoder}}/{classifier}_roc.png"),
-                classifier=FITTED,
-            ),
+            [PLAN.plot("roc", classifier=c) for c in PLAN.fitted],
             caption="../report/roc.rst",
             category="5. Plots",
             subcategory="{dataset} / {encoder}",
         ),
         calibration=report(
-            expand(
-                result("plots/{{dataset}}/{{encoder}}/{classifier}_calibration.png"),
-                classifier=FITTED,
-            ),
+            [PLAN.plot("calibration", classifier=c) for c in PLAN.fitted],
             caption="../report/calibration.rst",
             category="5. Plots",
             subcategory="{dataset} / {encoder}",
         ),
         wbc_count=report(
-            expand(
-                result("plots/{{dataset}}/{{encoder}}/{classifier}_wbc_count.png"),
-                classifier=FITTED,
-            ),
+            [PLAN.plot("wbc_count", classifier=c) for c in PLAN.fitted],
             caption="../report/wbc_count.rst",
             category="5. Plots",
             subcategory="{dataset} / {encoder}",
@@ -99,7 +54,7 @@ rule fit_classifiers:
     threads: 1
     params:
         **EVALUATION_PARAMS,
-        classifiers=FITTED,
+        classifiers=PLAN.fitted,
         inner_folds=config["evaluation"]["inner_folds"],
     script:
         "../scripts/fit_classifiers.py"
@@ -107,30 +62,21 @@ rule fit_classifiers:
 
 rule score_cnn_softmax:
     input:
-        store=result("embeddings/{dataset}/{encoder}.zarr"),
-        ids=result("embeddings/{dataset}/{encoder}_rois.parquet"),
+        store=PLAN.embeddings(),
+        ids=PLAN.embedding_ids(),
         folds=result("folds.csv"),
     output:
-        roi_predictions=result(
-            "evaluate/{dataset}/{encoder}/cnn_softmax/roi_predictions.parquet"
-        ),
-        image_predictions=result(
-            "evaluate/{dataset}/{encoder}/cnn_softmax/image_predictions.parquet"
-        ),
-        metrics=result("evaluate/{dataset}/{encoder}/cnn_softmax/metrics.csv"),
-        metrics_per_class=result(
-            "evaluate/{dataset}/{encoder}/cnn_softmax/metrics_per_class.csv"
-        ),
-        plots=expand(
-            result("plots/{{dataset}}/{{encoder}}/cnn_softmax_{kind}.png"),
-            kind=PLOT_KINDS,
-        ),
+        roi_predictions=PLAN.head_file("roi_predictions.parquet"),
+        image_predictions=PLAN.head_file("image_predictions.parquet"),
+        metrics=PLAN.head_file("metrics.csv"),
+        metrics_per_class=PLAN.head_file("metrics_per_class.csv"),
+        plots=[PLAN.plot(kind, classifier=CNN_SOFTMAX) for kind in PLOT_KINDS],
     log:
         logfile("evaluate/{dataset}/{encoder}_cnn_softmax.log"),
     benchmark:
         benchfile("evaluate/{dataset}/{encoder}_cnn_softmax.tsv")
     wildcard_constraints:
-        encoder="|".join(HEADS) or "^$",
+        encoder="|".join(PLAN.heads) or "^$",
     conda:
         "../../envs/leukflow.yaml"
     params:
@@ -142,45 +88,39 @@ rule score_cnn_softmax:
 rule vote_ensemble:
     input:
         members=lambda wc: [
-            member_predictions(m).format(dataset=wc.dataset)
-            for m in ENSEMBLES[wc.ensemble]["members"]
+            PLAN.member_predictions(m, wc.dataset)
+            for m in PLAN.ensembles[wc.ensemble]["members"]
         ],
         folds=result("folds.csv"),
     output:
-        roi_predictions=result(
-            "evaluate/{dataset}/ensemble/{ensemble}/roi_predictions.parquet"
-        ),
-        image_predictions=result(
-            "evaluate/{dataset}/ensemble/{ensemble}/image_predictions.parquet"
-        ),
-        metrics=result("evaluate/{dataset}/ensemble/{ensemble}/metrics.csv"),
-        metrics_per_class=result(
-            "evaluate/{dataset}/ensemble/{ensemble}/metrics_per_class.csv"
-        ),
-        plots=expand(
-            result("plots/{{dataset}}/ensemble/{{ensemble}}_{kind}.png"),
-            kind=PLOT_KINDS,
-        ),
+        roi_predictions=PLAN.ensemble_file("roi_predictions.parquet"),
+        image_predictions=PLAN.ensemble_file("image_predictions.parquet"),
+        metrics=PLAN.ensemble_file("metrics.csv"),
+        metrics_per_class=PLAN.ensemble_file("metrics_per_class.csv"),
+        plots=[
+            PLAN.plot(kind, encoder=ENSEMBLE, classifier="{ensemble}")
+            for kind in PLOT_KINDS
+        ],
     log:
         logfile("evaluate/{dataset}/ensemble_{ensemble}.log"),
     benchmark:
         benchfile("evaluate/{dataset}/ensemble_{ensemble}.tsv")
     wildcard_constraints:
-        ensemble="|".join(ENSEMBLES) or "^$",
+        ensemble="|".join(PLAN.ensembles) or "^$",
     conda:
         "../../envs/leukflow.yaml"
     params:
         **EVALUATION_PARAMS,
-        members=lambda wc: ENSEMBLES[wc.ensemble]["members"],
-        vote=lambda wc: ENSEMBLES[wc.ensemble]["vote"],
+        members=lambda wc: PLAN.ensembles[wc.ensemble]["members"],
+        vote=lambda wc: PLAN.ensembles[wc.ensemble]["vote"],
     script:
         "../scripts/vote_ensemble.py"
 
 
 rule summarise_metrics:
     input:
-        metrics=evaluations("metrics.csv"),
-        metrics_per_class=evaluations("metrics_per_class.csv"),
+        metrics=PLAN.evaluations("metrics.csv"),
+        metrics_per_class=PLAN.evaluations("metrics_per_class.csv"),
     output:
         metrics=report(
             result("metrics.csv"),
@@ -202,7 +142,7 @@ rule summarise_metrics:
     conda:
         "../../envs/leukflow.yaml"
     params:
-        controls=CONTROLS,
+        controls=PLAN.controls,
     script:
         "../scripts/summarise_metrics.py"
 
@@ -230,8 +170,8 @@ rule compare_to_papers:
         "../../envs/leukflow.yaml"
     params:
         published=config["evaluation"]["published"],
-        twins=TWINS,
-        protocols=PROTOCOLS,
-        controls=CONTROLS,
+        twins=PLAN.twins,
+        protocols=PLAN.protocols,
+        controls=PLAN.controls,
     script:
         "../scripts/compare_to_papers.py"

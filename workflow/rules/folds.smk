@@ -18,9 +18,9 @@ rule assign_folds:
     params:
         k=config["folds"]["k"],
         seed=config["folds"]["seed"],
-        protocol=PROTOCOLS,
+        protocol=PLAN.protocols,
         holdout_fraction=config["folds"]["holdout_fraction"],
         state=result("cache/folds/labelled_set.json"),
-        controls=CONTROLS,
+        controls=PLAN.controls,
     script:
         "../scripts/assign_folds.py"

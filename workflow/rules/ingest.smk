@@ -1,6 +1,6 @@
 # Ingest: dataset folders as downloaded -> manifest.parquet, rejects.csv, duplicates.csv.
 
-for _name, _ds in DEMO_DATASETS.items():
+for _name, _ds in PLAN.demo_datasets.items():
 
     rule:
         name:
@@ -55,10 +55,10 @@ rule ingest_images:
     resources:
         mem_mb=attempt_mem_mb(2000),
     params:
-        datasets=DATASETS,
+        datasets=PLAN.datasets,
         min_size_px=config["ingest"]["min_size_px"],
         duplicate_max_distance=config["ingest"]["duplicate_max_distance"],
         cache_dir=result("cache"),
-        twins=TWINS,
+        twins=PLAN.twins,
     script:
         "../scripts/ingest_images.py"

@@ -12,26 +12,21 @@ if _KMEANS["k_min"] > _KMEANS["k_max"]:
         f"got k_min={_KMEANS['k_min']}, k_max={_KMEANS['k_max']}"
     )
 
-# The run's method first, then the further methods QA scores.
-QA_METHODS = list(
-    dict.fromkeys([config["segmentation"]["method"], *config["qa"]["methods"]])
-)
-
 
 rule segment_batch:
     input:
         manifest=result("manifest.parquet"),
     output:
-        rois=result("segment/{dataset}/batch_{batch}/rois.parquet"),
-        crops=directory(result("segment/{dataset}/batch_{batch}/crops.zarr")),
-        images=result("segment/{dataset}/batch_{batch}/images.parquet"),
-        k_scores=result("segment/{dataset}/batch_{batch}/k_scores.parquet"),
+        rois=PLAN.batch_file("rois.parquet"),
+        crops=directory(PLAN.batch_file("crops.zarr")),
+        images=PLAN.batch_file("images.parquet"),
+        k_scores=PLAN.batch_file("k_scores.parquet"),
     log:
         logfile("segment/{dataset}/batch_{batch}.log"),
     benchmark:
         benchfile("segment/{dataset}/batch_{batch}.tsv")
     wildcard_constraints:
-        dataset="|".join(DATASETS),
+        dataset="|".join(PLAN.datasets),
     group:
         "segment"
     conda:
@@ -55,9 +50,9 @@ rule merge_segments:
         k_scores=segment_batches("k_scores.parquet"),
         manifest=result("manifest.parquet"),
     output:
-        rois=result("segment/{dataset}/rois.parquet"),
-        crops=directory(result("segment/{dataset}/crops.zarr")),
-        images=result("segment/{dataset}/images.parquet"),
+        rois=PLAN.segment_file("rois.parquet"),
+        crops=directory(PLAN.segment_file("crops.zarr")),
+        images=PLAN.segment_file("images.parquet"),
         kmeans_scores=report(
             result("segment/{dataset}/kmeans_scores.csv"),
             caption="../report/kmeans_scores.rst",
@@ -75,7 +70,7 @@ rule merge_segments:
     benchmark:
         benchfile("segment/{dataset}.tsv")
     wildcard_constraints:
-        dataset="|".join(DATASETS),
+        dataset="|".join(PLAN.datasets),
     conda:
         "../../envs/leukflow.yaml"
     resources:
@@ -88,31 +83,31 @@ rule merge_segments:
 
 rule control_crops:
     input:
-        rois=lambda wc: result(f"segment/{CONTROLS[wc.dataset][0]}/rois.parquet"),
-        crops=lambda wc: result(f"segment/{CONTROLS[wc.dataset][0]}/crops.zarr"),
+        rois=lambda wc: PLAN.segment_file("rois.parquet", PLAN.control_base(wc.dataset)),
+        crops=lambda wc: PLAN.segment_file("crops.zarr", PLAN.control_base(wc.dataset)),
     output:
-        rois=result("segment/{dataset}/rois.parquet"),
-        crops=directory(result("segment/{dataset}/crops.zarr")),
+        rois=PLAN.segment_file("rois.parquet"),
+        crops=directory(PLAN.segment_file("crops.zarr")),
     log:
         logfile("segment/{dataset}.log"),
     benchmark:
         benchfile("segment/{dataset}.tsv")
     wildcard_constraints:
-        dataset="|".join(CONTROLS) or "^$",
+        dataset="|".join(PLAN.controls) or "^$",
     conda:
         "../../envs/leukflow.yaml"
     resources:
         mem_mb=attempt_mem_mb(2000),
     params:
-        base=lambda wc: CONTROLS[wc.dataset][0],
-        control=lambda wc: CONTROLS[wc.dataset][1],
+        base=lambda wc: PLAN.controls[wc.dataset][0],
+        control=lambda wc: PLAN.controls[wc.dataset][1],
     script:
         "../scripts/control_crops.py"
 
 
 rule gather_rois:
     input:
-        expand(result("segment/{dataset}/rois.parquet"), dataset=DATASETS),
+        [PLAN.segment_file("rois.parquet", d) for d in PLAN.datasets],
     output:
         result("rois.parquet"),
     log:
@@ -143,7 +138,9 @@ rule score_segmentation:
             subcategory="{dataset}",
         ),
         overlays=report(
-            expand(result("qa/{{dataset}}/overlays_{method}.png"), method=QA_METHODS),
+            expand(
+                result("qa/{{dataset}}/overlays_{method}.png"), method=PLAN.qa_methods
+            ),
             caption="../report/qa_overlays.rst",
             category="2. Segmentation",
             subcategory="{dataset}",
@@ -153,7 +150,7 @@ rule score_segmentation:
     benchmark:
         benchfile("qa/{dataset}.tsv")
     wildcard_constraints:
-        dataset="|".join(DATASETS),
+        dataset="|".join(PLAN.datasets),
     conda:
         "../../envs/leukflow.yaml"
     threads: 4
@@ -161,6 +158,6 @@ rule score_segmentation:
         mem_mb=4000,
     params:
         segmentation=config["segmentation"],
-        methods=QA_METHODS,
+        methods=list(PLAN.qa_methods),
     script:
         "../scripts/score_segmentation.py"

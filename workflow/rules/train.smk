@@ -6,11 +6,11 @@
 
 rule train_encoder:
     input:
-        rois=result("segment/{dataset}/rois.parquet"),
-        crops=result("segment/{dataset}/crops.zarr"),
+        rois=PLAN.segment_file("rois.parquet"),
+        crops=PLAN.segment_file("crops.zarr"),
         folds=result("folds.csv"),
     output:
-        checkpoint=result("train/{dataset}/{encoder}/{part}.pt"),
+        checkpoint=PLAN.checkpoint(),
         history=report(
             result("train/{dataset}/{encoder}/{part}_history.csv"),
             caption="../report/history.rst",
@@ -36,7 +36,7 @@ rule train_encoder:
         **gpu_resources(),
         mem_mb=attempt_mem_mb(4000),
     params:
-        encoder=lambda wc: ENCODERS[wc.encoder],
+        encoder=lambda wc: PLAN.encoders[wc.encoder],
         # the state after each epoch: a killed job resumes from it
         resume_dir=lambda wc: result(
             f"train/{wc.dataset}/{wc.encoder}/{wc.part}.resume"

@@ -2,7 +2,8 @@
 
 from leukflow.core.runlog import start_log
 from leukflow.data.io import open_probabilities
-from leukflow.evaluate.classifiers import CNN_SOFTMAX, head_predictions
+from leukflow.evaluate.classifiers import head_predictions
+from leukflow.plan import CNN_SOFTMAX
 from leukflow.evaluate.plots import plot_classifier
 from leukflow.evaluate.scoring import (
     ScoringSettings,

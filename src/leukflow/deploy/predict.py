@@ -1,18 +1,25 @@
 """Predict: apply a finished run's segmentation, encoders and classifiers to new images.
 
 A results folder holds everything needed: ``provenance.json`` (the resolved
-config the run used), one encoder checkpoint per fold
-(``train/<dataset>/<encoder>/fold_<k>.pt``) and one fitted classifier per fold
-(``evaluate/<dataset>/<encoder>/models/<classifier>_fold_<k>.skops``, read
-with :func:`leukflow.evaluate.model_files.load_model`, which refuses non-scikit-learn
-types). :func:`load_predictor` checks that these files agree with each other
-and with the config before anything is predicted.
+config the run used), and for each of the run's folds (``0..k-1``, or fold 0
+of a holdout split) an encoder checkpoint (``train/<dataset>/<encoder>/fold_<k>.pt``,
+or the one ``all.pt`` of an ``all_labels`` or ``frozen`` encoder) and a fitted
+classifier (``evaluate/<dataset>/<encoder>/models/<classifier>_fold_<k>.skops``,
+read with :func:`leukflow.evaluate.model_files.load_model`, which refuses
+non-scikit-learn types); ``cnn_softmax`` is the checkpoint's own head.
+:class:`leukflow.plan.RunPlan` names these files; :func:`load_predictor`
+checks that they agree with each other and with the config before anything
+is predicted.
 
 A new image has no test fold, so every fold's model gives its opinion: each
 ROI goes through each fold's encoder and that fold's classifier, and the
 ROI's class probabilities are the **mean of the folds' probabilities** (a
 fold whose classifier never saw a label gives it probability 0). The ROI's
-call is the label of highest mean probability. Image-level calls aggregate
+call is the label of highest mean probability. An ensemble
+(``encoder="ensemble"``, ``classifier=<name>``) votes as the run did: each
+member's fold mean, then the soft vote (mean probability) or the majority
+vote (the class most members call, score = share of members calling
+``positive_label``). Image-level calls aggregate
 the ROIs exactly as the run did (``evaluation.image_aggregation``, see
 :func:`leukflow.evaluate.images.aggregate_images`); an image without ROIs is called
 negative.
@@ -27,6 +34,7 @@ user gave (file names, messages naming them) never start a CSV cell with
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -41,6 +49,7 @@ from PIL import Image, ImageDraw, ImageFont
 from sklearn.pipeline import Pipeline
 from tqdm.auto import tqdm
 
+from leukflow.core.config import ConfigError, validate_config
 from leukflow.core.provenance import read_provenance
 from leukflow.data.io import (
     InvalidInputError,
@@ -52,6 +61,7 @@ from leukflow.data.io import (
 from leukflow.evaluate.classifiers import PROBA_PREFIX
 from leukflow.evaluate.images import NO_ROI, aggregate_images
 from leukflow.evaluate.model_files import load_model
+from leukflow.plan import ENSEMBLE, RunPlan
 from leukflow.segment import SegmentParams, field_rois, segment_field
 
 log = logging.getLogger(__name__)
@@ -95,17 +105,42 @@ class FoldModel:
         The fold whose training part fitted both.
     embed : callable
         ``(n, S, S, 3)`` uint8 crops -> ``(n, dim)`` float32 embeddings.
-    classifier : sklearn.pipeline.Pipeline
-        Fitted on that fold's embeddings.
+    classifier : sklearn.pipeline.Pipeline or None
+        Fitted on that fold's embeddings; None: the encoder's own softmax
+        head (``cnn_softmax``).
     checkpoint : dict
         The encoder checkpoint's metadata (``arch``, ``classes``,
         ``input_size_px``, ``mean``, ``std``; no weights).
+    member : str
+        The model, ``<encoder>/<classifier>`` (an ensemble's member).
+    head : callable, optional
+        ``(n, S, S, 3)`` uint8 crops -> ``(n, n_classes)`` softmax of the head
+        (columns in ``checkpoint["classes"]`` order); needed without a classifier.
     """
 
     fold: int
     embed: Callable[[np.ndarray], np.ndarray]
-    classifier: Pipeline
+    classifier: Pipeline | None
     checkpoint: dict[str, Any]
+    member: str = ""
+    head: Callable[[np.ndarray], np.ndarray] | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        """The classes of :meth:`predict_proba`'s columns."""
+        if self.classifier is None:
+            return [str(c) for c in self.checkpoint["classes"]]
+        return [str(c) for c in self.classifier.classes_]
+
+    def predict_proba(self, crops: np.ndarray) -> np.ndarray:
+        """``(n, len(classes))`` probabilities of ``(n, S, S, 3)`` uint8 crops."""
+        if self.classifier is None:
+            if self.head is None:
+                raise ValueError(
+                    f"FoldModel {self.member} fold {self.fold}: no classifier, no head"
+                )
+            return self.head(crops)
+        return self.classifier.predict_proba(self.embed(crops))
 
 
 @dataclass
@@ -117,11 +152,13 @@ class Predictor:
     results_dir : Path
         Where it was loaded from.
     dataset, encoder, classifier : str
-        Which of the run's models it applies.
+        Which of the run's models it applies (an ensemble: encoder
+        ``ensemble``, classifier its name).
     params : SegmentParams
         The run's segmentation.
     folds : list of FoldModel
-        One per fold; their probabilities are averaged.
+        One per fold (per member and fold for an ensemble); each member's
+        folds' probabilities are averaged.
     classes : list of str
         Every label the run trained on, sorted (the ``proba_<class>`` columns).
     positive_label, image_aggregation : str
@@ -134,6 +171,8 @@ class Predictor:
         Images per encoder batch (the run's ``segmentation.chunk_size``).
     notes : list of str
         Choices made for the user (e.g. which of several classifiers).
+    vote : str
+        ``""`` for one model; an ensemble's ``soft`` or ``majority``.
     """
 
     results_dir: Path
@@ -149,6 +188,12 @@ class Predictor:
     device: torch.device
     chunk_size: int = 8
     notes: list[str] = field(default_factory=list)
+    vote: str = ""
+
+    @property
+    def members(self) -> list[str]:
+        """The models whose calls are combined, in order (one unless an ensemble)."""
+        return list(dict.fromkeys(f.member for f in self.folds))
 
     @property
     def proba_columns(self) -> list[str]:
@@ -167,7 +212,7 @@ class Predictor:
 
 def _fold_encoder(
     path: Path, device: torch.device
-) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any], int]:
+) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any], int, Callable | None]:
     """Load one fold's encoder: the only place that knows models.py and embed.py.
 
     Returns
@@ -178,6 +223,9 @@ def _fold_encoder(
         The checkpoint without its weights.
     dim : int
         The embedding dimension.
+    head : callable or None
+        ``(n, S, S, 3)`` uint8 -> ``(n, n_classes)`` softmax of the trained
+        head; None when the checkpoint has none (frozen, HOG).
     """
     from leukflow.learn.embed import embed_crops
     from leukflow.learn.models import encoder_from_checkpoint, load_checkpoint
@@ -187,14 +235,19 @@ def _fold_encoder(
     model = None if meta["arch"] == "hog" else encoder_from_checkpoint(checkpoint).to(device)
     dim = int(meta["dim"]) if model is None else int(model.dim)
 
-    def embed(crops: np.ndarray) -> np.ndarray:
-        emb, _ = embed_crops(
+    def run(crops: np.ndarray, with_probs: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        return embed_crops(
             model, crops, input_size_px=meta["input_size_px"], dim=dim,
-            mean=meta["mean"], std=meta["std"], device=device,
+            mean=meta["mean"], std=meta["std"], device=device, with_probs=with_probs,
         )  # fmt: skip
-        return emb
 
-    return embed, meta, dim
+    def embed(crops: np.ndarray) -> np.ndarray:
+        return run(crops, False)[0]
+
+    def head(crops: np.ndarray) -> np.ndarray:
+        return run(crops, True)[1]
+
+    return embed, meta, dim, head if meta.get("has_head") and model is not None else None
 
 
 def _choose(kind: str, wanted: str | None, available: Sequence[str], where: str) -> str:
@@ -222,15 +275,22 @@ def load_predictor(
 ) -> Predictor:
     """Load a finished run's models for one dataset, encoder and classifier.
 
+    Any model the run scored can be loaded: a fitted classifier on any encoder
+    (per fold, ``all_labels``, ``frozen``, HOG), an encoder's ``cnn_softmax``
+    head, or an ensemble (``encoder="ensemble"``, ``classifier`` its name);
+    of a k-fold run or a holdout split (fold 0 only), of a configured dataset
+    or its twin. :class:`leukflow.plan.RunPlan` names the files.
+
     Parameters
     ----------
     results_dir : str or Path
         The run's ``results_dir`` (holding ``provenance.json``).
     dataset, encoder, classifier : str, optional
         Which models to apply; each defaults to the first in the run's config
-        (with a note in :attr:`Predictor.notes` when the run has several).
+        (with a note in :attr:`Predictor.notes` when the run has several); the
+        classifier to the first that scores the encoder.
     folds : sequence of int, optional
-        Use only these folds' models (default: all ``folds.k``).
+        Use only these folds' models (default: all of the run's folds).
     device : torch.device or str, optional
         Where the encoders run; CUDA when present, else CPU.
 
@@ -247,70 +307,70 @@ def load_predictor(
         features or classes, do not match the config or each other.
     """
     results_dir = Path(results_dir)
-    config = read_provenance(results_dir)["config"]
     where = f"{results_dir}/provenance.json"
-    notes = []
-    chosen = {}
-    for kind, wanted, available in (
-        ("dataset", dataset, list(config["datasets"])),
-        ("encoder", encoder, list(config["encoders"])),
-        ("classifier", classifier, list(config["classifiers"])),
-    ):
-        chosen[kind] = _choose(kind, wanted, available, where)
+    config = _run_config(read_provenance(results_dir)["config"], where)
+    plan = RunPlan.from_config(config, results_dir=str(results_dir))
+    notes: list[str] = []
+
+    def choose(kind: str, wanted: str | None, available: list[str]) -> str:
+        chosen = _choose(kind, wanted, available, where)
         if wanted is None and len(available) > 1:
             notes.append(
-                f"{kind} {chosen[kind]!r} chosen, the first of {available}; "
-                f"pick another with --{kind}"
+                f"{kind} {chosen!r} chosen, the first of {available}; pick another with --{kind}"
             )
-    dataset, encoder, classifier = chosen["dataset"], chosen["encoder"], chosen["classifier"]
-    k = int(config["folds"]["k"])
-    folds = list(range(k)) if folds is None else [int(f) for f in folds]
-    if not folds or not set(folds) <= set(range(k)):
+        return chosen
+
+    dataset = choose("dataset", dataset, [*plan.configured, *plan.twins])
+    encoder = choose("encoder", encoder, [*plan.encoders, *([ENSEMBLE] if plan.ensembles else [])])
+    heads = list(plan.ensembles) if encoder == ENSEMBLE else plan.classifiers_for(encoder)
+    classifier = choose("classifier", classifier, heads)
+    folds = list(plan.folds) if folds is None else [int(f) for f in folds]
+    if not folds or not set(folds) <= set(plan.folds):
         raise ValueError(
-            f"load_predictor: folds must be a non-empty subset of 0..{k - 1}; got {folds}"
+            f"load_predictor: folds must be a non-empty subset of the run's folds "
+            f"{list(plan.folds)}; got {folds}"
         )
     device = torch.device(device) if device is not None else _default_device()
     params = SegmentParams.from_mapping(config["segmentation"])
-    arch = config["encoders"][encoder]["arch"]
-    store_attrs = _embedding_attrs(results_dir / "embeddings" / dataset / f"{encoder}.zarr")
-    shared = config["encoders"][encoder].get("training", "per_fold") in ("all_labels", "frozen")
+    encoders: dict[str, tuple] = {}  # one load per checkpoint file
     fold_models = []
-    for fold in folds:
-        # an encoder trained once (all_labels) or not at all (frozen) serves every fold
-        part = f"fold_{fold}" if not shared else "all"
-        ckpt_path = results_dir / "train" / dataset / encoder / f"{part}.pt"
-        clf_path = (
-            results_dir
-            / "evaluate"
-            / dataset
-            / encoder
-            / "models"
-            / f"{classifier}_fold_{fold}.skops"
-        )
+    for files in plan.model_files(dataset, encoder, classifier):
+        if files.fold not in folds:
+            continue
+        ckpt_path = Path(files.checkpoint)
+        clf_path = None if files.classifier is None else Path(files.classifier)
         for path in (ckpt_path, clf_path):
-            if not path.is_file():
+            if path is not None and not path.is_file():
                 raise FileNotFoundError(
                     f"load_predictor: {path} is missing; the run in {results_dir} "
                     f"is unfinished or was made with another config"
                 )
-        embed, meta, dim = _fold_encoder(ckpt_path, device)
-        clf = load_model(clf_path)
-        _check_fold(
-            meta, dim, clf, fold=fold, arch=arch, params=params, ckpt=ckpt_path, clf_path=clf_path
-        )
-        expected_sha = store_attrs.get(part, {}).get("weights_sha256")
-        if expected_sha is not None and expected_sha != sha256_file(ckpt_path):
+        member_encoder = files.member.split("/")[0]
+        first_use = files.checkpoint not in encoders
+        if first_use:
+            encoders[files.checkpoint] = _fold_encoder(ckpt_path, device)
+        embed, meta, dim, head = encoders[files.checkpoint]
+        clf = None if clf_path is None else load_model(clf_path)
+        arch = config["encoders"][member_encoder]["arch"]
+        _check_fold(meta, dim, clf, fold=files.fold, arch=arch, params=params, ckpt=ckpt_path,
+                    clf_path=clf_path)  # fmt: skip
+        if clf is None and head is None:
+            raise ModelMismatchError(
+                f"load_predictor: {ckpt_path} has no trained head (cnn_softmax)"
+            )
+        expected = _embedding_attrs(Path(files.store)).get(files.part, {}).get("weights_sha256")
+        if first_use and expected is not None and expected != sha256_file(ckpt_path):
             raise ModelMismatchError(
                 f"load_predictor: {ckpt_path} is not the checkpoint that made the run's "
-                f"embeddings (sha256 differs from embeddings/{dataset}/{encoder}.zarr)"
+                f"embeddings (sha256 differs from embeddings/{dataset}/{member_encoder}.zarr)"
             )
-        fold_models.append(FoldModel(fold, embed, clf, meta))
-    classes = sorted(set().union(*(map(str, f.classifier.classes_) for f in fold_models)))
+        fold_models.append(FoldModel(files.fold, embed, clf, meta, files.member, head))
+    classes = sorted(set().union(*(f.classes for f in fold_models)))
     positive = config["positive_label"]
     if positive not in classes:
         notes.append(f"positive_label {positive!r} is not among the classes {classes}")
     log.info(
-        "loaded %s / %s / %s: %d folds on %s, classes %s", dataset, encoder, classifier,
+        "loaded %s / %s / %s: %d fold models on %s, classes %s", dataset, encoder, classifier,
         len(fold_models), device, classes,
     )  # fmt: skip
     return Predictor(
@@ -327,7 +387,18 @@ def load_predictor(
         device=device,
         chunk_size=int(config["segmentation"]["chunk_size"]),
         notes=notes,
+        vote=plan.ensembles[classifier]["vote"] if encoder == ENSEMBLE else "",
     )
+
+
+def _run_config(config: dict, where: str) -> dict:
+    """Return the run's config with every default filled in, as the workflow saw it."""
+    try:
+        return validate_config(copy.deepcopy(config), check_paths=False)
+    except ConfigError as err:
+        raise ModelMismatchError(
+            f"load_predictor: the config in {where} is not one this leukflow reads: {err}"
+        ) from err
 
 
 def _default_device() -> torch.device:
@@ -344,8 +415,8 @@ def _embedding_attrs(path: Path) -> dict[str, dict]:
 
 
 def _check_fold(
-    meta: dict, dim: int, clf: Pipeline, *, fold: int, arch: str, params: SegmentParams,
-    ckpt: Path, clf_path: Path,
+    meta: dict, dim: int, clf: Pipeline | None, *, fold: int, arch: str, params: SegmentParams,
+    ckpt: Path, clf_path: Path | None,
 ) -> None:  # fmt: skip
     """Refuse a fold whose files disagree with the config or with each other."""
     problems = []
@@ -357,10 +428,12 @@ def _check_fold(
             f"segmentation.roi_size_px is {params.roi_size_px}"
         )
     n_features = getattr(clf, "n_features_in_", None)
-    if n_features is not None and int(n_features) != dim:
+    if clf_path is not None and n_features is not None and int(n_features) != dim:
         problems.append(f"{clf_path.name} expects {n_features} features; the encoder gives {dim}")
-    extra = sorted(set(map(str, clf.classes_)) - set(map(str, meta["classes"])))
-    if extra:
+    extra = (
+        [] if clf is None else sorted(set(map(str, clf.classes_)) - set(map(str, meta["classes"])))
+    )
+    if clf_path is not None and extra:
         problems.append(
             f"{clf_path.name} predicts classes {extra} that {ckpt.name} never saw "
             f"(encoder classes {meta['classes']})"
@@ -374,8 +447,21 @@ def _check_fold(
 # --------------------------------------------------------------- predicting
 
 
+def _member_probabilities(predictor: Predictor, crops: np.ndarray) -> dict[str, np.ndarray]:
+    """Each member's mean class probabilities over its folds, in predictor.classes order."""
+    totals: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for fold in predictor.folds:
+        total = totals.setdefault(fold.member, np.zeros((len(crops), len(predictor.classes))))
+        proba = fold.predict_proba(crops)
+        for j, c in enumerate(fold.classes):
+            total[:, predictor.classes.index(c)] += proba[:, j]
+        counts[fold.member] = counts.get(fold.member, 0) + 1
+    return {member: totals[member] / counts[member] for member in totals}
+
+
 def predict_crops(predictor: Predictor, crops: np.ndarray) -> np.ndarray:
-    """Mean class probabilities of ROI crops over the folds' models.
+    """Mean class probabilities of ROI crops over the folds' models (and an ensemble's members).
 
     Parameters
     ----------
@@ -389,14 +475,43 @@ def predict_crops(predictor: Predictor, crops: np.ndarray) -> np.ndarray:
     numpy.ndarray
         ``(n, len(predictor.classes))`` float64; rows sum to 1.
     """
-    total = np.zeros((len(crops), len(predictor.classes)))
     if not len(crops):
-        return total
-    for fold in predictor.folds:
-        proba = fold.classifier.predict_proba(fold.embed(crops))
-        for j, c in enumerate(map(str, fold.classifier.classes_)):
-            total[:, predictor.classes.index(c)] += proba[:, j]
-    return total / len(predictor.folds)
+        return np.zeros((0, len(predictor.classes)))
+    return np.mean(list(_member_probabilities(predictor, crops).values()), axis=0)
+
+
+def call_crops(
+    predictor: Predictor, crops: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Probabilities, calls and positive scores of ROI crops.
+
+    One model (or a soft vote): the call is the class of highest mean
+    probability and the score its ``positive_label`` probability. A majority
+    vote: the class most members call (ties: higher mean probability), the
+    score the share of members calling ``positive_label``, as
+    :func:`leukflow.evaluate.classifiers.vote_predictions` scores the run.
+
+    Returns
+    -------
+    proba : numpy.ndarray
+        ``(n, len(predictor.classes))`` float64, as :func:`predict_crops`.
+    labels : numpy.ndarray
+        ``(n,)`` str calls.
+    scores : numpy.ndarray
+        ``(n,)`` float64 in [0, 1].
+    """
+    classes = np.asarray(predictor.classes, dtype=object)
+    if not len(crops):
+        return np.zeros((0, len(classes))), np.zeros(0, dtype=object), np.zeros(0)
+    members = _member_probabilities(predictor, crops)
+    proba = np.mean(list(members.values()), axis=0)
+    positive = predictor.positive_label
+    if predictor.vote == "majority":
+        calls = np.stack([classes[p.argmax(1)] for p in members.values()], axis=1)
+        counts = np.stack([(calls == c).sum(1) for c in classes], axis=1).astype(float)
+        return proba, classes[(counts + proba * 1e-3).argmax(1)], (calls == positive).mean(1)
+    score = proba[:, predictor.classes.index(positive)] if positive in predictor.classes else 0.0
+    return proba, classes[proba.argmax(1)], np.broadcast_to(score, len(proba)).astype(float)
 
 
 @dataclass
@@ -477,18 +592,20 @@ def predict_images(
 def _classify_chunk(predictor: Predictor, chunk: list) -> Iterator[FieldPrediction]:
     with_rois = [c[5] for c in chunk if len(c[4])]
     crops = np.concatenate(with_rois) if with_rois else np.zeros((0,))
-    proba = predict_crops(predictor, crops)
+    proba, labels, scores = call_crops(predictor, crops)
     start = 0
     for name, rgb, reason, message, rois, _crops in chunk:
         n = len(rois)
-        table = _roi_table(predictor, name, rois, proba[start : start + n])
+        part = slice(start, start + n)
+        table = _roi_table(predictor, name, rois, proba[part], labels[part], scores[part])
         start += n
         yield FieldPrediction(table, _image_row(predictor, name, rgb, reason, message, table), rgb)
 
 
 def _roi_table(
-    predictor: Predictor, name: str, rois: pd.DataFrame, proba: np.ndarray
-) -> pd.DataFrame:
+    predictor: Predictor, name: str, rois: pd.DataFrame, proba: np.ndarray, labels: np.ndarray,
+    scores: np.ndarray,
+) -> pd.DataFrame:  # fmt: skip
     cols = [*ROI_PREFIX_COLUMNS, *predictor.proba_columns, *ROI_SUFFIX_COLUMNS]
     if not len(rois):
         return pd.DataFrame(columns=cols)
@@ -496,10 +613,8 @@ def _roi_table(
     table.insert(0, "roi", np.arange(len(rois)))
     table.insert(0, "image", name)
     table[predictor.proba_columns] = proba
-    table["label"] = [predictor.classes[i] for i in proba.argmax(1)]
-    pos = predictor.proba_columns[predictor.classes.index(predictor.positive_label)] if (
-        predictor.positive_label in predictor.classes) else None  # fmt: skip
-    table["score"] = table[pos] if pos else 0.0
+    table["label"] = [str(label) for label in labels]
+    table["score"] = scores
     return table[cols]
 
 

@@ -94,7 +94,8 @@ _BASE = """<!doctype html>
 <h1>leukflow review</h1>
 <p class="model">model: {{ p.results_dir }} &middot; dataset {{ p.dataset }} &middot;
 encoder {{ p.encoder }} &middot; classifier {{ p.classifier }} &middot;
-{{ p.folds|length }} fold models averaged &middot; classes {{ p.classes|join(', ') }} &middot;
+{% if p.vote %}{{ p.vote }} vote of {{ p.members|join(', ') }}{% else %}{{ p.folds|length }}
+fold models averaged{% endif %} &middot; classes {{ p.classes|join(', ') }} &middot;
 image call by {{ p.image_aggregation }} &middot; device {{ p.device }}</p>
 {% if error %}<p class="error" id="error">{{ error }}</p>{% endif %}
 <form method="post" action="{{ url_for('upload') }}" enctype="multipart/form-data">

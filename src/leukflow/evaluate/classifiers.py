@@ -25,12 +25,11 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
+from leukflow.plan import CNN_SOFTMAX
+
 log = logging.getLogger(__name__)
 
 CLASSIFIERS = ("random_forest", "knn", "svm_rbf", "svm_linear", "logistic_regression")
-#: The encoder's own head (its softmax, read from the embedding store): a classifier
-#: that is not fitted here.
-CNN_SOFTMAX = "cnn_softmax"
 VOTES = ("soft", "majority")
 #: Inner folds of the Platt scaling of the SVMs (inside each training part).
 CALIBRATION_FOLDS = 5
