@@ -3,7 +3,6 @@
 from leukflow.core.runlog import start_log
 from leukflow.data.io import open_probabilities
 from leukflow.evaluate.classifiers import head_predictions
-from leukflow.plan import CNN_SOFTMAX
 from leukflow.evaluate.plots import plot_classifier
 from leukflow.evaluate.scoring import (
     ScoringSettings,
@@ -11,6 +10,7 @@ from leukflow.evaluate.scoring import (
     score_predictions,
     write_evaluation,
 )
+from leukflow.plan import CNN_SOFTMAX
 
 p, out, inp = snakemake.params, snakemake.output, snakemake.input
 dataset, encoder = snakemake.wildcards.dataset, snakemake.wildcards.encoder
