@@ -50,23 +50,23 @@ def snakemake(workdir: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The same tiny demo config run once locally and once through SLURM."""
+def runs(e2e_run, tmp_path_factory):
+    """The session's local e2e run, and the same config and images run through SLURM."""
+    e2e_work, local = e2e_run
     work = tmp_path_factory.mktemp("slurm")
-    for name in ("local", "slurm"):
-        (work / f"{name}.yaml").write_text(yaml.safe_dump({**CONFIG, "results_dir": name}))
-    local = snakemake(work, "--cores", "2", "--configfile", "local.yaml")
-    assert local.returncode == 0, local.stderr[-3000:]
+    shutil.copytree(e2e_work / "demo", work / "demo")
+    config = yaml.safe_load((e2e_work / "my.yaml").read_text())
+    (work / "slurm.yaml").write_text(yaml.safe_dump({**config, "results_dir": "slurm"}))
     cluster = snakemake(
         work, "--profile", str(PROFILE), *CI_FLAGS, "--configfile", "slurm.yaml",
         "--slurm-keep-successful-logs",
     )  # fmt: skip
     assert cluster.returncode == 0, cluster.stderr[-5000:]
-    return work, cluster.stdout + cluster.stderr
+    return work, local, cluster.stdout + cluster.stderr
 
 
 def test_jobs_went_through_sbatch(runs):
-    work, log = runs
+    work, _, log = runs
     job_ids = re.findall(r"submitted with SLURM jobid (\d+)", log)
     # every rule but the local ones (demo drawing, gathering, folds, summary, all)
     assert len(job_ids) >= 1 + 1 + 3 + 1 + 1  # ingest, segment, 3 x train, embed, fit
@@ -77,8 +77,8 @@ def test_jobs_went_through_sbatch(runs):
 
 
 def test_slurm_results_equal_a_local_run(runs):
-    work, _ = runs
-    local, cluster = work / "local", work / "slurm"
+    work, local, _ = runs
+    cluster = work / "slurm"
     for table in ("manifest.parquet", "rois.parquet"):
         a = pd.read_parquet(local / table).drop(columns=["root"], errors="ignore")
         b = pd.read_parquet(cluster / table).drop(columns=["root"], errors="ignore")
