@@ -69,6 +69,8 @@ KINDS_CONFIG = {
         "shared": {"arch": "small_cnn", "training": "all_labels", "epochs": 1, "batch_size": 16},
         "frozen": {"arch": "small_cnn", "training": "frozen"},
         "hog": {"arch": "hog", "training": "frozen"},
+        # S4's YOLOv8 classifier, its smallest size, with S4's recipe
+        "yolo": {"arch": "yolov8n_cls", "training": "s4", "epochs": 1, "batch_size": 16},
     },
     "classifiers": {"knn": {"n_neighbors": 3}, "cnn_softmax": {}},
     "evaluation": {
@@ -88,9 +90,9 @@ KINDS_CONFIG = {
 def kinds_run(tmp_path_factory):
     """A holdout run on 12 demo fields with every kind of model predict must deploy.
 
-    Per-fold, all_labels, frozen and HOG encoders, fitted knn and the cnn_softmax
-    heads, a soft and a majority ensemble: one tiny Snakemake run, shared by the
-    predict and serve tests of each kind.
+    Per-fold, all_labels, frozen, HOG and YOLOv8 (S4's recipe) encoders, fitted
+    knn and the cnn_softmax heads, a soft and a majority ensemble: one tiny
+    Snakemake run, shared by the predict and serve tests of each kind.
     """
     work = tmp_path_factory.mktemp("kinds")
     (work / "my.yaml").write_text(yaml.safe_dump(KINDS_CONFIG))

@@ -1,5 +1,5 @@
 """predict and serve on every kind of model a run makes: holdout, all_labels, frozen, HOG,
-cnn_softmax heads and ensembles (the k-fold run is e2e_run, in test_predict.py)."""
+YOLOv8, cnn_softmax heads and ensembles (the k-fold run is e2e_run, in test_predict.py)."""
 
 import io
 import json
@@ -21,6 +21,8 @@ KINDS = {
     ("hog", "knn"): 1,  # HOG
     ("small", "cnn_softmax"): 1,
     ("shared", "cnn_softmax"): 1,
+    ("yolo", "knn"): 1,  # yolov8n_cls, trained with S4's recipe
+    ("yolo", "cnn_softmax"): 1,
     ("ensemble", "soft2"): 2,
     ("ensemble", "maj3"): 3,
 }
