@@ -21,6 +21,26 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+def run_workflow(work: Path) -> tuple[Path, Path]:
+    """Run the workflow on ``work/my.yaml`` to the end; the folder and its ``out``."""
+    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
+    cmd += ["--cores", "2", "--configfile", "my.yaml"]
+    run = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return work, work / "out"
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: OpenMP threads cost more than they give on a busy 2-core machine."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def e2e_run(tmp_path_factory):
     """A real run on 12 demo fields plus one corrupt file, small and fast settings.
@@ -43,11 +63,7 @@ def e2e_run(tmp_path_factory):
         "classifiers": {"random_forest": {"n_estimators": 50}, "knn": {"n_neighbors": 3}},
     }
     (work / "my.yaml").write_text(yaml.safe_dump(config))
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
-    cmd += ["--cores", "2", "--configfile", "my.yaml"]
-    run = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return work, work / "out"
+    return run_workflow(work)
 
 
 #: The models of ``kinds_run``: every kind that predict and serve must load.
@@ -96,8 +112,4 @@ def kinds_run(tmp_path_factory):
     """
     work = tmp_path_factory.mktemp("kinds")
     (work / "my.yaml").write_text(yaml.safe_dump(KINDS_CONFIG))
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile")]
-    cmd += ["--cores", "2", "--configfile", "my.yaml"]
-    run = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=900)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    return work, work / "out"
+    return run_workflow(work)

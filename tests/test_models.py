@@ -25,13 +25,7 @@ from leukflow.learn.train import train_encoder
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny tensors: OpenMP threads cost more than they give on a busy 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _crops(n, size, seed=0):

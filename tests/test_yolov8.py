@@ -17,12 +17,7 @@ from leukflow.learn.train import train_fold
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ultralytics' published parameter counts of yolov8{n,s,m}-cls (1,000 ImageNet classes)
