@@ -75,14 +75,35 @@ def manifest(records: pd.DataFrame, root: Path, name: str, suffix: str) -> pd.Da
     )
 
 
+CHANGE_COLUMNS = ["n_rois", "dice_cell", "dice_nucleus", "hits", "false_rois"]
+
+
 def score(images: pd.DataFrame, methods: dict, workers: int) -> pd.DataFrame:
-    rows = []
+    rows, per_method = [], {}
     for label, params in methods.items():
         per_image = score_segmentation(images, params, n_workers=workers)
+        per_method[label] = per_image
         summary = summarise_qa(per_image, [params.method]).iloc[0]
         one = int((per_image["n_rois"] == 1).sum())
         rows.append({**summary.to_dict(), "method": label, "one_roi": one})
+    print_changes(per_method)
     return pd.DataFrame(rows)
+
+
+def print_changes(per_method: dict[str, pd.DataFrame]) -> None:
+    """List the images whose figures differ between a method and the same + split."""
+    for label, split in per_method.items():
+        base = per_method.get(label.removesuffix(" + split"))
+        if not label.endswith(" + split") or base is None:
+            continue
+        cols = [c for c in CHANGE_COLUMNS if c in base and base[c].notna().any()]
+        a = base.set_index("image_id")[cols]
+        b = split.set_index("image_id")[cols].reindex(a.index)
+        differ = ~np.isclose(a.to_numpy(float), b.to_numpy(float), equal_nan=True).all(axis=1)
+        print(f"\n{label}: {int(differ.sum())} images change")
+        if differ.any():
+            both = a[differ].join(b[differ], rsuffix=" split")
+            print(both.round(4).to_string())
 
 
 def merged_pairs(images: pd.DataFrame, cells: pd.DataFrame, params: SegmentParams) -> int:

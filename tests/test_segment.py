@@ -862,6 +862,36 @@ def test_a_lobed_nucleus_stays_one_roi_with_split_touching():
     assert segment.split_touching(round_lobes.astype(np.int32)).max() == 3
 
 
+def _corner_joined(lower_disc_radius=12):
+    """Two blobs joined only by a one-pixel diagonal chain (pixels that meet at corners)."""
+    from skimage.draw import line
+
+    mask = _discs((120, 160), [(76, 70, lower_disc_radius)])
+    rr, cc = line(64, 70, 49, 55)
+    mask[rr, cc] = True
+    return mask
+
+
+def test_split_touching_judges_pieces_that_meet_only_at_a_corner():
+    """Zheng D1 281: a neutrophil's two-lobe piece met its third lobe at one corner.
+
+    Such pieces have no common edge; they are judged like any neighbours (the
+    two-lobe piece is not round, so the nucleus stays one region, every pixel kept).
+    """
+    from skimage.draw import ellipse
+
+    lobed = _corner_joined()
+    lobed[ellipse(40, 62, 9, 15, shape=lobed.shape, rotation=0.6)] = True
+    lobed[ellipse(38, 88, 10, 14, shape=lobed.shape, rotation=-0.3)] = True
+    out = segment.split_touching(lobed.astype(np.int32))
+    np.testing.assert_array_equal(out, lobed.astype(np.int32))
+    # a round disc in place of the two lobes: two round cells on a thin link, cut
+    pair = _corner_joined() | _discs((120, 160), [(41, 47, 12)])
+    out = segment.split_touching(pair.astype(np.int32))
+    assert out.max() == 2
+    assert np.array_equal(out > 0, pair)  # the link's pixels go to a piece, none is lost
+
+
 def test_split_touching_skips_methods_that_make_one_region_per_image():
     pair = [(100, 90, 20), (100, 131, 20)]
     img = field(pair, RED_CELLS[:1])

@@ -377,7 +377,7 @@ def _split_region(
     peaks = measure.label(morphology.h_maxima(dist, 1.0))
     if peaks.max() < 2:
         return whole
-    pieces = watershed(-dist, peaks, mask=padded)
+    pieces = watershed(-dist, peaks, mask=padded, connectivity=2)  # 8-connected, as regions are
     while True:
         ids = np.unique(pieces[pieces > 0])
         if len(ids) < 2:
@@ -402,12 +402,16 @@ def _split_region(
 
 
 def _borders(pieces: np.ndarray, dist: np.ndarray) -> list[tuple[int, int, float]]:
-    """Adjacent piece pairs ``(a, b, neck)``: neck = largest distance on their border."""
+    """Adjacent piece pairs ``(a, b, neck)``: neck = largest distance on their border.
+
+    Pieces touch across an edge or a corner (the region is one 8-connected
+    component): pieces that meet only diagonally are neighbours too.
+    """
     necks: dict[tuple[int, int], float] = {}
-    for axis in (0, 1):
+    for shift in ((0, -1), (-1, 0), (-1, -1), (-1, 1)):
         a = pieces
-        b = np.roll(pieces, -1, axis=axis)
-        d = np.maximum(dist, np.roll(dist, -1, axis=axis))
+        b = np.roll(pieces, shift, axis=(0, 1))
+        d = np.maximum(dist, np.roll(dist, shift, axis=(0, 1)))
         touch = (a > 0) & (b > 0) & (a != b)
         for u, v, value in zip(a[touch], b[touch], d[touch], strict=True):
             key = (int(min(u, v)), int(max(u, v)))
