@@ -102,7 +102,9 @@ def print_changes(per_method: dict[str, pd.DataFrame]) -> None:
         differ = ~np.isclose(a.to_numpy(float), b.to_numpy(float), equal_nan=True).all(axis=1)
         print(f"\n{label}: {int(differ.sum())} images change")
         if differ.any():
-            both = a[differ].join(b[differ], rsuffix=" split")
+            both = a[differ].merge(
+                b[differ], left_index=True, right_index=True, suffixes=("", " split")
+            )
             print(both.round(4).to_string())
 
 
