@@ -314,9 +314,11 @@ def split_touching(
 
     Each region's Euclidean distance transform has one peak per round cell;
     a watershed from those peaks (h-maxima of height 1 px) cuts the region
-    where the peaks meet. Two neighbouring pieces stay apart only if they look
-    like two round cells that pinch where they touch, not like the lobes of
-    one nucleus (lobes are elongated, or joined by a thick bridge):
+    where the peaks meet (flooding 8-connected, so every pixel of the region
+    goes to a piece). Two neighbouring pieces (touching across an edge or
+    only at a corner) stay apart only if they look like two round cells that
+    pinch where they touch, not like the lobes of one nucleus (lobes are
+    elongated, or joined by a thick bridge):
 
     * the neck (the largest distance value on their shared border) is
       narrower than ``max_neck_ratio`` times the smaller piece's inscribed
