@@ -8,6 +8,8 @@ the tuned variants the config documents, each with and without
 ``split_touching``. Then the demo's 60 fields (seed 0, as config/config.yaml
 draws them) against every planted white cell in cells.csv: recall, false
 ROIs, and merged pairs (two planted cells whose centres fall in one region).
+Before each table it lists the images whose figures (ROIs, Dice, boxes hit,
+false ROIs) differ between a method and the same + split.
 
     .venv/bin/python benchmarks/qa_real.py [--workers 2] [--only demo|zheng|bccd]
 """
