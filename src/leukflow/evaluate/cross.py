@@ -21,6 +21,7 @@ import pandas as pd
 from leukflow.core.figures import subplots
 from leukflow.data.io import atomic_path
 from leukflow.evaluate.classifiers import fit_predict_folds
+from leukflow.evaluate.conformal import cross_conformal_predictions
 from leukflow.evaluate.folds import TRAIN_ONLY
 from leukflow.evaluate.scoring import Evaluation, ScoringSettings, score_predictions
 
@@ -29,10 +30,14 @@ log = logging.getLogger(__name__)
 #: The metrics of cross_dataset.csv, each with ``<metric>_ci_low`` and ``<metric>_ci_high``.
 CROSS_METRICS = ["accuracy", "balanced_accuracy", "roc_auc"]
 KEYS = ["train", "test", "encoder", "classifier", "level"]
+#: Conformal columns of cross_dataset.csv: the sets calibrated on the train
+#: dataset, measured on the test dataset (does the guarantee carry over?).
+CROSS_CONFORMAL = ["conformal_alpha", "coverage", "set_size", "review_share", "calibration_n"]
 COLUMNS = [
     *KEYS,
     *[f"{m}{s}" for m in CROSS_METRICS for s in ("", "_ci_low", "_ci_high")],
     "n",
+    *CROSS_CONFORMAL,
 ]
 #: The one "fold" of a cross-dataset evaluation: the whole test dataset.
 TEST_FOLD = 0
@@ -153,7 +158,16 @@ def evaluate_cross(
     images = test_images[["image_id", "label", "group"]].assign(
         label=lambda d: d["label"].astype(str), fold=TEST_FOLD, leaky=False
     )
-    out = score_predictions(roi_preds, images, settings)
+    calibration = None
+    if settings.conformal.enabled:  # cross-conformal on the train dataset only
+        calibration = cross_conformal_predictions(
+            {TEST_FOLD: embeddings},
+            rois,
+            models,
+            positive_label=settings.positive_label,
+            calibration_folds=settings.conformal.calibration_folds,
+        )
+    out = score_predictions(roi_preds, images, settings, calibration, scheme="cross_conformal")
     out.models = models
     return out
 
@@ -200,8 +214,10 @@ def summarise_cross(metrics: pd.DataFrame) -> pd.DataFrame:
     Returns
     -------
     pandas.DataFrame
-        :data:`COLUMNS`: each of :data:`CROSS_METRICS` with its interval, and
-        ``n`` (test ROIs at level ``roi``, test images at level ``image``).
+        :data:`COLUMNS`: each of :data:`CROSS_METRICS` with its interval,
+        ``n`` (test ROIs at level ``roi``, test images at level ``image``) and
+        :data:`CROSS_CONFORMAL` (coverage on the test dataset of sets
+        calibrated on the train dataset; NaN when conformal prediction is off).
     """
     pooled = metrics[metrics["fold"].astype(str) == "pooled"]
     rows = []
@@ -213,6 +229,8 @@ def summarise_cross(metrics: pd.DataFrame) -> pd.DataFrame:
             row[f"{m}_ci_low"] = by_metric.at[m, "ci_low"]
             row[f"{m}_ci_high"] = by_metric.at[m, "ci_high"]
         row["n"] = int(part["n"].iloc[0])
+        for col in CROSS_CONFORMAL:
+            row[col] = part[col].iloc[0] if col in part else float("nan")
         rows.append(row)
     return pd.DataFrame(rows, columns=COLUMNS)
 
