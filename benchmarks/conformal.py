@@ -33,9 +33,9 @@ from leukflow.learn.hog import hog_features
 
 ZHENG = Path(__file__).resolve().parents[2] / "shared" / "data" / "segmentation_WBC"
 CLASSIFIERS = {
-    "logistic_regression": {"C": 0.1, "max_iter": 2000},
-    "svm_linear": {"C": 0.01, "max_iter": 5000},
-    "random_forest": {"n_estimators": 300, "seed": 0},
+    "logistic_regression": {"C": 0.1, "max_iter": 2000, "pca_components": 64},
+    "knn": {"n_neighbors": 10, "pca_components": 32},
+    "random_forest": {"n_estimators": 200, "seed": 0},
 }
 SHOWN = ["coverage", "set_size", "review_share", "kept_accuracy", "augrc", "calibration_n"]
 
