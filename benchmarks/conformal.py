@@ -55,9 +55,14 @@ def load_zheng(size: int) -> tuple[pd.DataFrame, np.ndarray]:
     return manifest, hog_features(np.stack(crops), input_size_px=size)
 
 
-def summary(metrics: pd.DataFrame, what: str) -> pd.DataFrame:
+def summary(result, what: str) -> pd.DataFrame:
+    """Pooled conformal figures per classifier and level, with the multi-class accuracy."""
+    metrics = result.metrics
     pooled = metrics[metrics["fold"] == "pooled"].drop_duplicates(["classifier", "level"])
-    return pooled[["classifier", "level", *SHOWN]].assign(run=what)
+    preds = result.roi_predictions
+    accuracy = (preds["pred"] == preds["label"]).groupby(preds["classifier"]).mean()
+    pooled = pooled.assign(accuracy=pooled["classifier"].map(accuracy))
+    return pooled[["classifier", "level", "accuracy", *SHOWN]].assign(run=what)
 
 
 def main() -> None:
@@ -76,7 +81,7 @@ def main() -> None:
     folds = folds.assign(group=folds["patient"], leaky=False)
     rois = label_rois(manifest[["image_id"]].assign(roi_id=manifest["image_id"]), folds)
     rois = rois.merge(folds[["image_id", "group"]], on="image_id")
-    settings = ScoringSettings("lymphocyte", n_boot=200, conformal=ConformalSettings(
+    settings = ScoringSettings("lymphocyte", n_boot=20, conformal=ConformalSettings(
         alpha=args.alpha, mondrian=args.mondrian))  # fmt: skip
     grouped = evaluate_embeddings({k: features for k in range(args.k)}, rois, folds,
                                   classifiers=CLASSIFIERS, settings=settings)  # fmt: skip
@@ -85,8 +90,8 @@ def main() -> None:
     shift = evaluate_cross(features[d1], rois[d1].drop(columns="fold"), features[~d1],
                            rois[~d1][["roi_id", "image_id", "label"]], test_images,
                            classifiers=CLASSIFIERS, settings=settings)  # fmt: skip
-    table = pd.concat([summary(grouped.metrics, f"zheng grouped {args.k}-fold CV"),
-                       summary(shift.metrics, "Dataset 1 -> Dataset 2")])  # fmt: skip
+    table = pd.concat([summary(grouped, f"zheng grouped {args.k}-fold CV"),
+                       summary(shift, "Dataset 1 -> Dataset 2")])  # fmt: skip
     table = table[table["level"] == "roi"]
     pd.set_option("display.width", 200)
     print(f"alpha {args.alpha} (target coverage {1 - args.alpha:.2f}), mondrian "

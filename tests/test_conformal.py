@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from crepes import ConformalClassifier
 
+from leukflow.deploy.predict import load_predictor, predict_images, review_queue
 from leukflow.evaluate import conformal
 from leukflow.evaluate.conformal import (
     CONFORMAL_COLUMNS,
@@ -199,3 +200,46 @@ def test_evaluation_tables_json_and_unchanged_main_figures(tmp_path, rule):
     assert saved["models"]["logistic_regression"]["0"]["roi"]["n"] == 80
     assert saved["calibration"] == "cross_conformal"
     assert saved["alpha"] == 0.2
+
+
+@pytest.mark.e2e
+def test_e2e_sets_review_tables_and_predict(e2e_run):
+    work, out = e2e_run
+    evaluated = out / "evaluate" / "demo" / "resnet18"
+    roi = pd.read_parquet(evaluated / "roi_predictions.parquet")
+    saved = json.loads((evaluated / "conformal.json").read_text())
+    assert saved["enabled"]
+    assert saved["calibration"] == "cross_conformal"
+    # the saved plain-number thresholds give back every test ROI's set
+    classes = ["ALL", "healthy"]
+    for (clf, fold), part in roi.groupby(["classifier", "fold"]):
+        cal = saved["models"][clf][str(fold)]["roi"]
+        assert cal["n"] == (roi["fold"] != fold).sum() / roi["classifier"].nunique()
+        members = prediction_sets(part[["proba_ALL", "proba_healthy"]].to_numpy(), classes, cal)
+        assert conformal.set_text(members, classes) == part["prediction_set"].tolist()
+    assert (roi["review"] == (roi["set_size"] != 1)).all()
+    metrics = pd.read_csv(out / "metrics.csv")
+    pooled = metrics[metrics["fold"] == "pooled"].drop_duplicates(["classifier", "level"])
+    for row in pooled[pooled["level"] == "roi"].itertuples():
+        mine = roi[roi["classifier"] == row.classifier]
+        assert row.coverage == pytest.approx(mine["covered"].mean())
+        assert row.review_share == pytest.approx(mine["review"].mean())
+        assert row.conformal_alpha == 0.1
+    # 12 fields in 3 folds: 8 training images per fold, under 1/alpha - 1 = 9
+    image_rows = pooled[pooled["level"] == "image"]
+    assert image_rows["calibration_too_small"].all()
+    assert "fewer than 1/alpha - 1 = 9" in (out / "logs" / "evaluate" / "demo" /
+                                            "resnet18.log").read_text()  # fmt: skip
+    assert (out / "plots" / "demo" / "resnet18" / "knn_risk_coverage.png").stat().st_size > 0
+    # predict with one fold's model gives the set the run gave that fold's test ROIs
+    saved_knn = roi[(roi["classifier"] == "knn") & (roi["fold"] == 1)].set_index("roi_id")
+    predictor = load_predictor(out, classifier="knn", folds=[1])
+    images = sorted(saved_knn["image_id"].unique())
+    fields = [(i, work / "demo" / f"{i.removeprefix('demo/')}.png") for i in images]
+    rois = pd.concat([p.rois for p in predict_images(predictor, fields)], ignore_index=True)
+    rois.index = rois["image"] + "#" + rois["roi"].astype(str)
+    assert rois["prediction_set"].tolist() == saved_knn.loc[rois.index, "prediction_set"].tolist()
+    assert rois["review"].tolist() == saved_knn.loc[rois.index, "review"].tolist()
+    queue = review_queue(rois)
+    assert len(queue) == rois["review"].sum()
+    assert queue["confidence"].is_monotonic_increasing

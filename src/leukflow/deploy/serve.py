@@ -124,8 +124,8 @@ per-cell CSV</a></p>
 <img class="overlay" alt="segmented cells" src="{{ url_for('result_overlay', token=token) }}">
 <table id="cells"><tr><th>cell</th><th>box x0, y0, x1, y1</th><th>class</th>
 <th>probability</th><th>P({{ p.positive_label }})</th><th>prediction set</th></tr>
-{% for c in cells %}<tr{% if c.review is sameas true %} class="review"{% endif %}>
-<td>{{ c.roi }}</td><td>{{ c.x0 }}, {{ c.y0 }}, {{ c.x1 }},
+{% for c in cells %}<tr{% if c.review is sameas true %} class="review"{% endif %}><td>{{
+c.roi }}</td><td>{{ c.x0 }}, {{ c.y0 }}, {{ c.x1 }},
 {{ c.y1 }}</td><td>{{ c.label }}</td><td>{{ '%.3f'|format(c.prob) }}</td>
 <td>{{ '%.3f'|format(c.score) }}</td><td>{{ c.prediction_set|replace('|', ', ') }}
 {% if c.review is sameas true %}(review){% endif %}</td></tr>{% endfor %}
