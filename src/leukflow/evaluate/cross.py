@@ -21,9 +21,13 @@ import pandas as pd
 from leukflow.core.figures import subplots
 from leukflow.data.io import atomic_path
 from leukflow.evaluate.classifiers import fit_predict_folds
-from leukflow.evaluate.conformal import cross_conformal_predictions
 from leukflow.evaluate.folds import TRAIN_ONLY
-from leukflow.evaluate.scoring import Evaluation, ScoringSettings, score_predictions
+from leukflow.evaluate.scoring import (
+    Evaluation,
+    ScoringSettings,
+    calibrate_models,
+    score_predictions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -158,15 +162,8 @@ def evaluate_cross(
     images = test_images[["image_id", "label", "group"]].assign(
         label=lambda d: d["label"].astype(str), fold=TEST_FOLD, leaky=False
     )
-    calibration = None
-    if settings.conformal.enabled:  # cross-conformal on the train dataset only
-        calibration = cross_conformal_predictions(
-            {TEST_FOLD: embeddings},
-            rois,
-            models,
-            positive_label=settings.positive_label,
-            calibration_folds=settings.conformal.calibration_folds,
-        )
+    # cross-conformal on the train dataset only (its ROIs are the training part)
+    calibration = calibrate_models({TEST_FOLD: embeddings}, rois, models, settings)
     out = score_predictions(roi_preds, images, settings, calibration, scheme="cross_conformal")
     out.models = models
     return out

@@ -160,18 +160,31 @@ def evaluate_embeddings(
         return_models=True,
         inner_folds=inner_folds,
     )
-    calibration = None
-    if settings.conformal.enabled:
-        calibration = cross_conformal_predictions(
-            embeddings,
-            rois,
-            models,
-            positive_label=settings.positive_label,
-            calibration_folds=settings.conformal.calibration_folds,
-        )
+    calibration = calibrate_models(embeddings, rois, models, settings)
     out = score_predictions(roi_preds, folds, settings, calibration, scheme="cross_conformal")
     out.models = models
     return out
+
+
+def calibrate_models(
+    embeddings: Mapping[int, np.ndarray],
+    rois: pd.DataFrame,
+    models: Mapping[tuple[str, int], Pipeline],
+    settings: ScoringSettings,
+) -> pd.DataFrame | None:
+    """Cross-conformal calibration rows of fitted models; None when conformal prediction is off.
+
+    See :func:`leukflow.evaluate.conformal.cross_conformal_predictions`.
+    """
+    if not settings.conformal.enabled:
+        return None
+    return cross_conformal_predictions(
+        embeddings,
+        rois,
+        models,
+        positive_label=settings.positive_label,
+        calibration_folds=settings.conformal.calibration_folds,
+    )
 
 
 def score_predictions(
