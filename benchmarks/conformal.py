@@ -8,7 +8,7 @@ the workflow does (cross-conformal on each training fold,
 :func:`leukflow.evaluate.scoring.evaluate_embeddings`), pooled over the folds.
 Then the shift: fitted and calibrated on Dataset 1, sets measured on Dataset 2
 (:func:`leukflow.evaluate.cross.evaluate_cross`). Prints one row per
-classifier and level. CPU only, well under a minute.
+classifier and level. CPU only.
 
     PYTHONPATH=src python benchmarks/conformal.py --alpha 0.1
 """
