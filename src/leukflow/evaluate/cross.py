@@ -242,6 +242,10 @@ def plot_cross_matrix(
 ) -> None:
     """Train x test heatmaps of ``metric``, one panel per encoder and classifier.
 
+    Each cell also gives the prediction sets' coverage (``cov``) where the
+    table has it: off the diagonal, the train dataset's sets on the test
+    dataset, against ``1 - alpha`` within it.
+
     Parameters
     ----------
     table : pandas.DataFrame
@@ -263,10 +267,13 @@ def plot_cross_matrix(
         squeeze=False,
     )  # fmt: skip
     for ax, (encoder, classifier) in zip(axes[0], panels, strict=True):
-        grid = np.full((n, n), np.nan)
+        grid, coverage = np.full((n, n), np.nan), np.full((n, n), np.nan)
         mine = rows[(rows["encoder"] == encoder) & (rows["classifier"] == classifier)]
         for r in mine.itertuples():
             grid[datasets.index(r.train), datasets.index(r.test)] = getattr(r, metric)
+            coverage[datasets.index(r.train), datasets.index(r.test)] = getattr(
+                r, "coverage", np.nan
+            )
         if within is not None and len(within):
             diag = within[
                 (within["fold"].astype(str) == "pooled")
@@ -280,12 +287,16 @@ def plot_cross_matrix(
                 if r.dataset in datasets:
                     i = datasets.index(r.dataset)
                     grid[i, i] = getattr(r, metric)
+                    coverage[i, i] = getattr(r, "coverage", np.nan)
         ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
         for i in range(n):
             for j in range(n):
                 if not np.isnan(grid[i, j]):
                     colour = "black" if grid[i, j] > 0.6 else "white"
-                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color=colour,
+                    text = f"{grid[i, j]:.2f}"
+                    if not np.isnan(coverage[i, j]):
+                        text += f"\ncov {coverage[i, j]:.2f}"
+                    ax.text(j, i, text, ha="center", va="center", color=colour,
                             fontsize=9, fontweight="bold" if i != j else "normal")  # fmt: skip
         ax.set_xticks(range(n), datasets, rotation=30, ha="right", fontsize=8)
         ax.set_yticks(range(n), datasets, fontsize=8)
@@ -293,7 +304,8 @@ def plot_cross_matrix(
         ax.set_ylabel("train dataset")
         ax.set_title(f"{encoder} / {classifier}", fontsize=9)
     fig.suptitle(
-        f"{level} {metric.replace('_', ' ')}; diagonal: grouped CV within the dataset",
+        f"{level} {metric.replace('_', ' ')} (cov: prediction-set coverage); diagonal: "
+        "grouped CV within the dataset",
         fontsize=9,
     )
     fig.tight_layout()
