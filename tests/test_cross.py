@@ -142,6 +142,10 @@ def test_summarise_cross_one_row_per_pair_and_level_and_the_plot(tmp_path):
     roi = table.iloc[0]
     assert roi["accuracy"] == pytest.approx(0.5)
     assert roi["balanced_accuracy"] == pytest.approx(0.5)
+    # the train dataset's prediction sets, measured on the test dataset
+    assert roi["conformal_alpha"] == 0.1
+    assert 0 <= roi["coverage"] <= 1
+    assert roi["calibration_n"] > 0
     for m in ("accuracy", "balanced_accuracy", "roc_auc"):
         assert (table[f"{m}_ci_low"] <= table[m] + 1e-12).all()
         assert (table[m] <= table[f"{m}_ci_high"] + 1e-12).all()

@@ -69,6 +69,9 @@ def test_predict_reproduces_the_holdout_runs_test_predictions(kinds_run, encoder
     np.testing.assert_allclose(mine[columns].sum(axis=1), 1.0, atol=1e-5)
     np.testing.assert_array_equal(mine["label"], saved["pred"])
     np.testing.assert_allclose(mine["score"], saved["score"], atol=1e-4)
+    # ...and fold 0's own calibration (conformal.json) gives the run's prediction sets
+    np.testing.assert_array_equal(mine["prediction_set"], saved["prediction_set"])
+    np.testing.assert_array_equal(mine["review"].astype(bool), saved["review"])
 
 
 @pytest.mark.e2e

@@ -30,6 +30,7 @@ from leukflow.evaluate.classifiers import (
     make_classifier,
     vote_predictions,
 )
+from leukflow.evaluate.conformal import CONFORMAL_COLUMNS
 from leukflow.evaluate.folds import LeakageError
 from leukflow.evaluate.images import aggregate_images
 from leukflow.evaluate.metrics import COUNTS, METRICS, binary_metrics, score_folds
@@ -859,6 +860,7 @@ def test_evaluate_embeddings_tables_and_leaky_flag(leaky):
         *METRICS,
         *COUNTS,
         *CI_COLUMNS,
+        *CONFORMAL_COLUMNS,
     ]
     for (_clf, _level), part in out.metrics.groupby(["classifier", "level"]):
         assert list(part["fold"]) == ["0", "1", "2", "mean", "std"] + ["pooled"] * len(METRICS)

@@ -63,6 +63,10 @@ def test_image_table_sits_beside_the_roi_table(tmp_path):
 # ------------------------------------------------------- on a small trained run
 
 
+#: Box colours of the overlays: positive call, other call, review.
+COLOURS = [(220, 20, 60), (30, 90, 230), (240, 130, 0)]
+
+
 @pytest.fixture(scope="module")
 def new_fields(tmp_path_factory):
     """Eight demo fields the run never saw (another seed), with their planted cells."""
@@ -129,7 +133,7 @@ def test_predict_cli_calls_new_fields_and_reports_a_corrupt_one(e2e_run, new_fie
     rois = pd.read_csv(tmp_path / "preds.csv")
     assert list(rois.columns) == [
         "image", "roi", "x0", "y0", "x1", "y1", "area_px", "centroid_x", "centroid_y",
-        "proba_ALL", "proba_healthy", "label", "score",
+        "proba_ALL", "proba_healthy", "label", "score", "prediction_set", "review",
     ]  # fmt: skip
     np.testing.assert_allclose(rois[["proba_ALL", "proba_healthy"]].sum(axis=1), 1.0)
     cells = pd.read_csv(new_fields / "cells.csv")
@@ -140,13 +144,13 @@ def test_predict_cli_calls_new_fields_and_reports_a_corrupt_one(e2e_run, new_fie
     )
     assert hits / len(cells) >= 0.85
     assert (ok["n_rois"] == ok["image"].map(rois.groupby("image").size())).all()
-    # one overlay per readable image, the size of the field, with red or blue boxes drawn
+    # one overlay per readable image, the size of the field, with red, blue or orange
+    # (review) boxes drawn
     for path in ok["overlay"]:
         overlay = np.asarray(Image.open(path))
         assert overlay.shape == (480, 640, 3)
-        assert (
-            (overlay == (220, 20, 60)).all(-1) | (overlay == (30, 90, 230)).all(-1)
-        ).sum() > 100
+        drawn = [(overlay == colour).all(-1) for colour in COLOURS]
+        assert np.logical_or.reduce(drawn).sum() > 100
     assert sorted(p.name for p in (tmp_path / "preds_overlays").iterdir()) == [
         f"field_{i:03d}.png" for i in range(8)
     ]

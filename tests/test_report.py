@@ -45,6 +45,7 @@ def _levels(labels=(POS, "healthy"), n_images=30, seed=0):
     images["pred"] = np.where(images["score"] >= 0.5, POS, "not_" + POS)
     images["pred_class"] = images["label"].where(rng.random(n_images) < 0.8, labels[0])
     images.loc[images["n_rois"] == 0, "pred_class"] = "no_roi"
+    images["confidence"] = np.where(images["n_rois"] > 0, rng.uniform(0.5, 1, n_images), 0.0)
     return {"roi": rois.drop(columns="n_rois"), "image": images}
 
 

@@ -146,7 +146,11 @@ def test_serve_over_http_outlines_the_cells_and_offers_the_csv(server, e2e_run, 
     cells = pd.read_csv(io.StringIO(csv.text))
     rois = pd.read_parquet(work / "out" / "rois.parquet")
     assert len(cells) == (rois["image_id"] == "demo/images/field_001").sum() > 0
-    assert page.text.count("<tr><td>") == len(cells)  # one table row per cell
+    flagged = page.text.count('<tr class="review"><td>')
+    assert page.text.count("<tr><td>") + flagged == len(cells)  # one table row per cell
+    assert flagged == (cells["review"] == True).sum()  # noqa: E712
+    if 0 < flagged < len(cells):  # the cells to review come first
+        assert page.text.index('<tr class="review">') < page.text.index("<tr><td>")
     for label in cells["label"]:
         assert f"<td>{label}</td>" in page.text
     overlay = requests.get(f"{page.url}/overlay.png", timeout=10)
@@ -158,5 +162,7 @@ def test_serve_over_http_outlines_the_cells_and_offers_the_csv(server, e2e_run, 
     # a real browser renders the result page: overlay, call and table visible
     pixels = screenshot(page.url, tmp_path / "review.png")
     assert_not_blank(pixels)
-    red = (pixels == (220, 20, 60)).all(-1) | (pixels == (30, 90, 230)).all(-1)
+    red = np.logical_or.reduce(
+        [(pixels == c).all(-1) for c in [(220, 20, 60), (30, 90, 230), (240, 130, 0)]]
+    )
     assert red.sum() > 200, "the overlay's cell outlines are not on the screenshot"

@@ -86,7 +86,7 @@ def _load_predictor(args: argparse.Namespace):
 def _predict(args: argparse.Namespace) -> int:
     import logging
 
-    from leukflow.deploy.predict import image_table_path, predict_paths
+    from leukflow.deploy.predict import image_table_path, predict_paths, review_table_path
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -103,11 +103,14 @@ def _predict(args: argparse.Namespace) -> int:
         if predictor.vote
         else f"{len(predictor.folds)} folds averaged"
     )
+    review = int((images["review"] == True).sum())  # noqa: E712 (True, False or "")
     print(  # noqa: T201
         f"{len(images)} images ({predictor.dataset} / {predictor.encoder} / "
         f"{predictor.classifier}, {models}, {predictor.device}): "
-        f"calls {calls}; without ROIs or unreadable {reasons or 'none'}\n"
-        f"ROIs: {args.out}\nimages: {image_table_path(args.out)}"
+        f"calls {calls}; without ROIs or unreadable {reasons or 'none'}; "
+        f"{review} to review\n"
+        f"ROIs: {args.out}\nimages: {image_table_path(args.out)}\n"
+        f"cells to review: {review_table_path(args.out)}"
     )
     return 0
 

@@ -35,7 +35,7 @@ CNN_SOFTMAX = "cnn_softmax"
 #: The ``encoder`` of an ensemble's rows in metrics.csv and of its files.
 ENSEMBLE = "ensemble"
 #: Plots made per dataset and model: ``plots/<dataset>/<encoder>/<classifier>_<kind>.png``.
-PLOT_KINDS = ("confusion", "roc", "calibration", "wbc_count")
+PLOT_KINDS = ("confusion", "roc", "calibration", "wbc_count", "risk_coverage")
 #: Formats whose images are single cells: ``shortcut_controls: auto`` adds controls for them.
 SINGLE_CELL_FORMATS = ("allidb2", "cnmc", "zheng")
 CONTROL_KINDS = ("cell_only", "background_only")

@@ -81,5 +81,6 @@ EVALUATION_PARAMS = dict(
     n_boot=config["evaluation"]["n_boot"],
     bootstrap_seed=config["evaluation"]["bootstrap_seed"],
     ci_level=config["evaluation"]["ci_level"],
+    conformal=config["evaluation"]["conformal"],
     plot_kinds=list(PLOT_KINDS),
 )

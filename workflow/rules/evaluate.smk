@@ -18,6 +18,8 @@ rule fit_classifiers:
         image_predictions=PLAN.fitted_file("image_predictions.parquet"),
         metrics=PLAN.fitted_file("metrics.csv"),
         metrics_per_class=PLAN.fitted_file("metrics_per_class.csv"),
+        calibration_predictions=PLAN.fitted_file("calibration_predictions.parquet"),
+        conformal=PLAN.fitted_file("conformal.json"),
         models=[
             PLAN.model(classifier=c, fold=k) for c in PLAN.fitted for k in PLAN.folds
         ],
@@ -42,6 +44,12 @@ rule fit_classifiers:
         wbc_count=report(
             [PLAN.plot("wbc_count", classifier=c) for c in PLAN.fitted],
             caption="../report/wbc_count.rst",
+            category="5. Plots",
+            subcategory="{dataset} / {encoder}",
+        ),
+        risk_coverage=report(
+            [PLAN.plot("risk_coverage", classifier=c) for c in PLAN.fitted],
+            caption="../report/risk_coverage.rst",
             category="5. Plots",
             subcategory="{dataset} / {encoder}",
         ),
@@ -70,6 +78,8 @@ rule score_cnn_softmax:
         image_predictions=PLAN.head_file("image_predictions.parquet"),
         metrics=PLAN.head_file("metrics.csv"),
         metrics_per_class=PLAN.head_file("metrics_per_class.csv"),
+        calibration_predictions=PLAN.head_file("calibration_predictions.parquet"),
+        conformal=PLAN.head_file("conformal.json"),
         plots=[PLAN.plot(kind, classifier=CNN_SOFTMAX) for kind in PLOT_KINDS],
     log:
         logfile("evaluate/{dataset}/{encoder}_cnn_softmax.log"),
@@ -91,12 +101,20 @@ rule vote_ensemble:
             PLAN.member_predictions(m, wc.dataset)
             for m in PLAN.ensembles[wc.ensemble]["members"]
         ],
+        member_calibrations=lambda wc: [
+            PLAN.member_predictions(m, wc.dataset).replace(
+                "roi_predictions", "calibration_predictions"
+            )
+            for m in PLAN.ensembles[wc.ensemble]["members"]
+        ],
         folds=result("folds.csv"),
     output:
         roi_predictions=PLAN.ensemble_file("roi_predictions.parquet"),
         image_predictions=PLAN.ensemble_file("image_predictions.parquet"),
         metrics=PLAN.ensemble_file("metrics.csv"),
         metrics_per_class=PLAN.ensemble_file("metrics_per_class.csv"),
+        calibration_predictions=PLAN.ensemble_file("calibration_predictions.parquet"),
+        conformal=PLAN.ensemble_file("conformal.json"),
         plots=[
             PLAN.plot(kind, encoder=ENSEMBLE, classifier="{ensemble}")
             for kind in PLOT_KINDS

@@ -3,6 +3,7 @@
 from leukflow.core.runlog import start_log
 from leukflow.data.io import open_probabilities
 from leukflow.evaluate.classifiers import head_predictions
+from leukflow.evaluate.conformal import head_calibration_predictions
 from leukflow.evaluate.plots import plot_classifier
 from leukflow.evaluate.scoring import (
     ScoringSettings,
@@ -22,7 +23,11 @@ probs = {k: arrays["all" if "all" in arrays else f"fold_{k}"] for k in test_fold
 classes = list(next(iter(probs.values())).attrs["classes"])
 preds = head_predictions({k: a[:] for k, a in probs.items()}, classes, rois,
                          positive_label=p.positive_label)  # fmt: skip
-result = score_predictions(preds, folds, ScoringSettings.from_params(p))
+# calibration: each fold's head on its own training ROIs (in-sample, see docs/conformal.md)
+calibration = head_calibration_predictions({k: a[:] for k, a in probs.items()}, classes, rois,
+                                           positive_label=p.positive_label)  # fmt: skip
+result = score_predictions(preds, folds, ScoringSettings.from_params(p), calibration,
+                           scheme="head_training_rois")  # fmt: skip
 write_evaluation(result, out, keys={"dataset": dataset, "encoder": encoder})
 plot_classifier(result, dict(zip(p.plot_kinds, out.plots, strict=True)), classifier=CNN_SOFTMAX,
                 title=f"{dataset} / {encoder} / {CNN_SOFTMAX}",

@@ -3,6 +3,7 @@
 from leukflow.core.runlog import start_log
 from leukflow.data.io import read_table
 from leukflow.evaluate.classifiers import vote_predictions
+from leukflow.evaluate.conformal import vote_calibration_predictions
 from leukflow.evaluate.plots import plot_classifier
 from leukflow.evaluate.scoring import ScoringSettings, score_predictions, write_evaluation
 
@@ -11,17 +12,21 @@ dataset, ensemble = snakemake.wildcards.dataset, snakemake.wildcards.ensemble
 log = start_log("vote_ensemble", snakemake.log[0], dict(p))
 folds = read_table(snakemake.input.folds)
 folds = folds[folds["dataset"] == dataset]
-members = {}
-for member, path in zip(p.members, snakemake.input.members, strict=True):
-    preds = read_table(path)
+members, calibrations = {}, {}
+for member, path, cal in zip(p.members, snakemake.input.members,
+                             snakemake.input.member_calibrations, strict=True):  # fmt: skip
+    preds, cal = read_table(path), read_table(cal)
     members[member] = preds[preds["classifier"] == member.split("/")[1]]
+    calibrations[member] = cal[cal["classifier"] == member.split("/")[1]]
 # one leaky member (random folds, an all_labels encoder) makes the vote leaky
 leaky = any(bool(m["leaky"].any()) for m in members.values())
 votes = vote_predictions({m: d.drop(columns="leaky") for m, d in members.items()},
                          vote=p.vote, positive_label=p.positive_label, name=ensemble)  # fmt: skip
-result = score_predictions(
-    votes, folds.assign(leaky=folds["leaky"] | leaky), ScoringSettings.from_params(p)
+calibration = vote_calibration_predictions(
+    calibrations, vote=p.vote, positive_label=p.positive_label, name=ensemble
 )
+result = score_predictions(votes, folds.assign(leaky=folds["leaky"] | leaky),
+                           ScoringSettings.from_params(p), calibration, scheme="vote")  # fmt: skip
 write_evaluation(result, out, keys={"dataset": dataset, "encoder": "ensemble"})
 plot_classifier(result, dict(zip(p.plot_kinds, out.plots, strict=True)), classifier=ensemble,
                 title=f"{dataset} / {ensemble} ({p.vote} vote)",

@@ -35,6 +35,7 @@ user gave (file names, messages naming them) never start a CSV cell with
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -59,9 +60,10 @@ from leukflow.data.io import (
     sha256_file,
 )
 from leukflow.evaluate.classifiers import PROBA_PREFIX
+from leukflow.evaluate.conformal import prediction_sets, set_text
 from leukflow.evaluate.images import NO_ROI, aggregate_images
 from leukflow.evaluate.model_files import load_model
-from leukflow.plan import ENSEMBLE, RunPlan
+from leukflow.plan import CNN_SOFTMAX, ENSEMBLE, RunPlan
 from leukflow.segment import SegmentParams, field_rois, segment_field
 
 log = logging.getLogger(__name__)
@@ -83,11 +85,13 @@ ROI_PREFIX_COLUMNS = [
     "centroid_x",
     "centroid_y",
 ]
-ROI_SUFFIX_COLUMNS = ["label", "score"]
+ROI_SUFFIX_COLUMNS = ["label", "score", "prediction_set", "review"]
+#: Columns of the review queue (``<out stem>_review.csv``), most uncertain cell first.
+REVIEW_COLUMNS = [*ROI_PREFIX_COLUMNS[:6], "prediction_set", "label", "confidence"]
 #: Columns of the per-image table.
 IMAGE_TABLE_COLUMNS = [
     "image", "status", "reason", "message", "width", "height", "n_rois",
-    "label", "score", "pred_class", "overlay",
+    "label", "score", "pred_class", "review", "overlay",
 ]  # fmt: skip
 
 
@@ -173,6 +177,10 @@ class Predictor:
         Choices made for the user (e.g. which of several classifiers).
     vote : str
         ``""`` for one model; an ensemble's ``soft`` or ``majority``.
+    conformal : dict or None
+        The run's conformal.json for this model (thresholds per fold, the
+        image rule); None when the run has none (conformal prediction off):
+        ``prediction_set`` and ``review`` are then empty.
     """
 
     results_dir: Path
@@ -189,6 +197,7 @@ class Predictor:
     chunk_size: int = 8
     notes: list[str] = field(default_factory=list)
     vote: str = ""
+    conformal: dict | None = None
 
     @property
     def members(self) -> list[str]:
@@ -388,7 +397,26 @@ def load_predictor(
         chunk_size=int(config["segmentation"]["chunk_size"]),
         notes=notes,
         vote=plan.ensembles[classifier]["vote"] if encoder == ENSEMBLE else "",
+        conformal=_conformal_file(plan, dataset, encoder, classifier, notes),
     )
+
+
+def _conformal_file(
+    plan: RunPlan, dataset: str, encoder: str, classifier: str, notes: list[str]
+) -> dict | None:
+    """Read the model's conformal.json (plain JSON); None, with a note, when absent or off."""
+    if encoder == ENSEMBLE:
+        path = Path(plan.ensemble_file("conformal.json", dataset, classifier))
+    elif classifier == CNN_SOFTMAX:
+        path = Path(plan.head_file("conformal.json", dataset, encoder))
+    else:
+        path = Path(plan.fitted_file("conformal.json", dataset, encoder))
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    models = (saved.get("models") or {}).get(classifier)
+    if not saved.get("enabled") or not models:
+        notes.append(f"no conformal thresholds in {path}: prediction_set and review are empty")
+        return None
+    return {**saved, "models": models}
 
 
 def _run_config(config: dict, where: str) -> dict:
@@ -447,17 +475,61 @@ def _check_fold(
 # --------------------------------------------------------------- predicting
 
 
-def _member_probabilities(predictor: Predictor, crops: np.ndarray) -> dict[str, np.ndarray]:
-    """Each member's mean class probabilities over its folds, in predictor.classes order."""
-    totals: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
+def _fold_probabilities(
+    predictor: Predictor, crops: np.ndarray
+) -> dict[tuple[str, int], np.ndarray]:
+    """Each (member, fold) model's class probabilities, in predictor.classes order."""
+    out = {}
     for fold in predictor.folds:
-        total = totals.setdefault(fold.member, np.zeros((len(crops), len(predictor.classes))))
+        full = np.zeros((len(crops), len(predictor.classes)))
         proba = fold.predict_proba(crops)
         for j, c in enumerate(fold.classes):
-            total[:, predictor.classes.index(c)] += proba[:, j]
-        counts[fold.member] = counts.get(fold.member, 0) + 1
-    return {member: totals[member] / counts[member] for member in totals}
+            full[:, predictor.classes.index(c)] = proba[:, j]
+        out[(fold.member, fold.fold)] = full
+    return out
+
+
+def _member_probabilities(
+    predictor: Predictor, crops: np.ndarray, per_fold: dict | None = None
+) -> dict[str, np.ndarray]:
+    """Each member's mean class probabilities over its folds, in predictor.classes order."""
+    per_fold = _fold_probabilities(predictor, crops) if per_fold is None else per_fold
+    members: dict[str, list[np.ndarray]] = {}
+    for (member, _fold), proba in per_fold.items():
+        members.setdefault(member, []).append(proba)
+    return {member: np.mean(probas, axis=0) for member, probas in members.items()}
+
+
+def deployed_sets(
+    predictor: Predictor, per_fold: dict[tuple[str, int], np.ndarray]
+) -> tuple[list[str], np.ndarray]:
+    """Give each crop its deployed prediction set: the labels most folds' sets keep.
+
+    Fold ``k``'s set comes from fold ``k``'s probabilities (an ensemble: the
+    mean over its members' fold-``k`` models, as the run calibrated the vote)
+    and fold ``k``'s own ROI-level thresholds in conformal.json; a label is in
+    the deployed set when more than half of the folds keep it. ``review``:
+    the set is not exactly one label.
+
+    Returns
+    -------
+    sets : list of str
+        Labels joined by ``|`` (empty: no label); all empty without thresholds.
+    review : numpy.ndarray
+        ``(n,)`` object: True / False, or ``""`` without thresholds.
+    """
+    n = len(next(iter(per_fold.values()))) if per_fold else 0
+    if predictor.conformal is None:
+        return [""] * n, np.full(n, "", dtype=object)
+    folds: dict[int, list[np.ndarray]] = {}
+    for (_member, fold), proba in per_fold.items():
+        folds.setdefault(fold, []).append(proba)
+    kept = np.zeros((n, len(predictor.classes)))
+    for fold, probas in folds.items():
+        thresholds = predictor.conformal["models"][str(fold)]["roi"]
+        kept += prediction_sets(np.mean(probas, axis=0), predictor.classes, thresholds)
+    members = kept > len(folds) / 2
+    return set_text(members, predictor.classes), (members.sum(1) != 1).astype(object)
 
 
 def predict_crops(predictor: Predictor, crops: np.ndarray) -> np.ndarray:
@@ -482,8 +554,8 @@ def predict_crops(predictor: Predictor, crops: np.ndarray) -> np.ndarray:
 
 def call_crops(
     predictor: Predictor, crops: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Probabilities, calls and positive scores of ROI crops.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], np.ndarray]:
+    """Probabilities, calls, positive scores and prediction sets of ROI crops.
 
     One model (or a soft vote): the call is the class of highest mean
     probability and the score its ``positive_label`` probability. A majority
@@ -499,19 +571,26 @@ def call_crops(
         ``(n,)`` str calls.
     scores : numpy.ndarray
         ``(n,)`` float64 in [0, 1].
+    sets, review
+        See :func:`deployed_sets`.
     """
     classes = np.asarray(predictor.classes, dtype=object)
     if not len(crops):
-        return np.zeros((0, len(classes))), np.zeros(0, dtype=object), np.zeros(0)
-    members = _member_probabilities(predictor, crops)
+        empty = np.zeros(0, dtype=object)
+        return np.zeros((0, len(classes))), empty, np.zeros(0), [], empty
+    per_fold = _fold_probabilities(predictor, crops)
+    members = _member_probabilities(predictor, crops, per_fold)
+    sets, review = deployed_sets(predictor, per_fold)
     proba = np.mean(list(members.values()), axis=0)
     positive = predictor.positive_label
     if predictor.vote == "majority":
         calls = np.stack([classes[p.argmax(1)] for p in members.values()], axis=1)
         counts = np.stack([(calls == c).sum(1) for c in classes], axis=1).astype(float)
-        return proba, classes[(counts + proba * 1e-3).argmax(1)], (calls == positive).mean(1)
+        call = classes[(counts + proba * 1e-3).argmax(1)]
+        return proba, call, (calls == positive).mean(1), sets, review
     score = proba[:, predictor.classes.index(positive)] if positive in predictor.classes else 0.0
-    return proba, classes[proba.argmax(1)], np.broadcast_to(score, len(proba)).astype(float)
+    score = np.broadcast_to(score, len(proba)).astype(float)
+    return proba, classes[proba.argmax(1)], score, sets, review
 
 
 @dataclass
@@ -592,19 +671,20 @@ def predict_images(
 def _classify_chunk(predictor: Predictor, chunk: list) -> Iterator[FieldPrediction]:
     with_rois = [c[5] for c in chunk if len(c[4])]
     crops = np.concatenate(with_rois) if with_rois else np.zeros((0,))
-    proba, labels, scores = call_crops(predictor, crops)
+    proba, labels, scores, sets, review = call_crops(predictor, crops)
     start = 0
     for name, rgb, reason, message, rois, _crops in chunk:
         n = len(rois)
         part = slice(start, start + n)
-        table = _roi_table(predictor, name, rois, proba[part], labels[part], scores[part])
+        table = _roi_table(predictor, name, rois, proba[part], labels[part], scores[part],
+                           sets[part], review[part])  # fmt: skip
         start += n
         yield FieldPrediction(table, _image_row(predictor, name, rgb, reason, message, table), rgb)
 
 
 def _roi_table(
     predictor: Predictor, name: str, rois: pd.DataFrame, proba: np.ndarray, labels: np.ndarray,
-    scores: np.ndarray,
+    scores: np.ndarray, sets: list[str], review: np.ndarray,
 ) -> pd.DataFrame:  # fmt: skip
     cols = [*ROI_PREFIX_COLUMNS, *predictor.proba_columns, *ROI_SUFFIX_COLUMNS]
     if not len(rois):
@@ -615,6 +695,8 @@ def _roi_table(
     table[predictor.proba_columns] = proba
     table["label"] = [str(label) for label in labels]
     table["score"] = scores
+    table["prediction_set"] = sets
+    table["review"] = review
     return table[cols]
 
 
@@ -642,6 +724,11 @@ def _image_row(
         threshold=predictor.any_positive_threshold,
     ).iloc[0]
     row.update(label=call["pred"], score=float(call["score"]), pred_class=call["pred_class"])
+    if predictor.conformal is not None:  # the run's image rule over its cells' review marks
+        share = float((rois["review"] == True).mean())  # noqa: E712 (object column)
+        cut = 0.0 if predictor.conformal["image_rule"] == "any" else predictor.conformal[
+            "image_review_share"]  # fmt: skip
+        row["review"] = share > cut
     return row
 
 
@@ -659,7 +746,8 @@ def draw_overlay(rgb: np.ndarray, rois: pd.DataFrame, *, positive_label: str) ->
         Rows of a :class:`FieldPrediction`'s ``rois`` (``x0..y1``, ``label``,
         ``proba_<label>``).
     positive_label : str
-        ROIs called this are outlined in red, the others in blue.
+        ROIs called this are outlined in red, the others in blue; a ROI
+        marked ``review`` in orange, twice as thick, labelled with its set.
 
     Returns
     -------
@@ -672,10 +760,15 @@ def draw_overlay(rgb: np.ndarray, rois: pd.DataFrame, *, positive_label: str) ->
     font = ImageFont.load_default(size=max(12, round(min(im.size) / 32)))
     for r in rois.to_dict("records"):
         colour = (220, 20, 60) if r["label"] == positive_label else (30, 90, 230)
+        review = r.get("review") is True
+        if review:
+            colour = (240, 130, 0)
         box = (int(r["x0"]), int(r["y0"]), int(r["x1"]) - 1, int(r["y1"]) - 1)
-        draw.rectangle(box, outline=colour, width=width)
+        draw.rectangle(box, outline=colour, width=2 * width if review else width)
         prob = r[PROBA_PREFIX + str(r["label"])]
         text = f"{r['roi']}: {r['label']} {prob:.2f}"
+        if review:
+            text = f"{r['roi']}: review {{{r['prediction_set'].replace('|', ', ')}}}"
         x, y = max(0, box[0]), max(0, box[1] - font.size - 4)
         bbox = draw.textbbox((x, y), text, font=font)
         draw.rectangle(bbox, fill=(255, 255, 255))
@@ -748,6 +841,29 @@ def image_table_path(out: str | Path) -> Path:
     return out.with_name(f"{out.stem}_images.csv")
 
 
+def review_table_path(out: str | Path) -> Path:
+    """Return the review queue beside the per-ROI table ``out``: ``<stem>_review.csv``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}_review.csv")
+
+
+def review_queue(rois: pd.DataFrame) -> pd.DataFrame:
+    """Select the ROIs marked ``review``, most uncertain first (:data:`REVIEW_COLUMNS`).
+
+    ``confidence`` is the ROI's highest class probability; the queue is
+    sorted by it, lowest first (ties: larger set first, then image and ROI).
+    """
+    flagged = rois[rois["review"] == True]  # noqa: E712 (object column: True, False or "")
+    proba = flagged[[c for c in flagged.columns if c.startswith(PROBA_PREFIX)]]
+    flagged = flagged.assign(
+        confidence=proba.to_numpy(float).max(1) if len(flagged) else [],
+        size=flagged["prediction_set"].str.count("[|]") + (flagged["prediction_set"] != ""),
+    )
+    flagged = flagged.sort_values(["confidence", "size", "image", "roi"],
+                                  ascending=[True, False, True, True], kind="stable")  # fmt: skip
+    return flagged[REVIEW_COLUMNS].reset_index(drop=True)
+
+
 def predict_paths(
     predictor: Predictor,
     inputs: Sequence[str | Path],
@@ -769,7 +885,8 @@ def predict_paths(
     out : str or Path
         Per-ROI CSV (:data:`ROI_PREFIX_COLUMNS`, ``proba_<class>``,
         :data:`ROI_SUFFIX_COLUMNS`); the per-image CSV goes to
-        :func:`image_table_path`. Both are written row by row and moved into
+        :func:`image_table_path`, the cells marked ``review`` to
+        :func:`review_table_path` (:func:`review_queue`). All are moved into
         place at the end.
     overlay_dir : str or Path, optional
         One PNG per readable image (default ``<out stem>_overlays/``).
@@ -795,7 +912,7 @@ def predict_paths(
     chunk_size = chunk_size or predictor.chunk_size
     paths = list(iter_image_paths(inputs))
     used: set[str] = set()
-    rows = []
+    rows, flagged = [], []
     roi_cols = [*ROI_PREFIX_COLUMNS, *predictor.proba_columns, *ROI_SUFFIX_COLUMNS]
     with atomic_path(out) as tmp_rois:
         with open(tmp_rois, "w", newline="") as f:
@@ -810,6 +927,7 @@ def predict_paths(
                 if len(pred.rois):
                     safe = spreadsheet_safe(pred.rois, USER_TEXT_COLUMNS)
                     safe.to_csv(f, index=False, header=False)
+                    flagged.append(pred.rois[pred.rois["review"] == True])  # noqa: E712
                 if pred.rgb is not None:
                     overlay = overlay_dir / _overlay_name(path, used)
                     png = draw_overlay(
@@ -821,4 +939,8 @@ def predict_paths(
         images = pd.DataFrame(rows, columns=IMAGE_TABLE_COLUMNS)
         with atomic_path(image_table_path(out)) as tmp_images:
             spreadsheet_safe(images, USER_TEXT_COLUMNS).to_csv(tmp_images, index=False)
+        queue = review_queue(pd.concat(flagged, ignore_index=True)) if flagged else None
+        with atomic_path(review_table_path(out)) as tmp_review:
+            table = pd.DataFrame(columns=REVIEW_COLUMNS) if queue is None else queue
+            spreadsheet_safe(table, USER_TEXT_COLUMNS).to_csv(tmp_review, index=False)
     return images

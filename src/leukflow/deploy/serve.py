@@ -85,6 +85,7 @@ h1 { font-size: 1.5em; } .model { color: #555; font-size: 0.9em; }
 table { border-collapse: collapse; margin: 0.8em 0; }
 td, th { border: 1px solid #bbb; padding: 0.25em 0.6em; text-align: right; }
 img.overlay { max-width: 100%; border: 1px solid #999; }
+tr.review td { background: #fff1dc; } tr.review td:first-child { border-left: 4px solid #f08200; }
 form { margin: 1em 0; padding: 1em; background: #f4f4f4; }
 """
 
@@ -114,15 +115,20 @@ Image call: <b>{{ r.image.label }}</b>
 (score {{ '%.2f'|format(r.image.score) }}, {{ p.image_aggregation }} over
 {{ r.image.n_rois }} cell{{ '' if r.image.n_rois == 1 else 's' }};
 most likely class {{ r.image.pred_class }})
-{% if r.image.reason %}<br>No cell found: {{ r.image.reason }}{% endif %}</p>
+{% if r.image.reason %}<br>No cell found: {{ r.image.reason }}{% endif %}
+{% if r.image.review is sameas true %}<br><b id="image-review">Review:</b> {{ n_review }} of
+{{ r.image.n_rois }} cells have a prediction set that is not one class (outlined in orange,
+listed first){% endif %}</p>
 <p><a id="csv" href="{{ url_for('result_csv', token=token) }}" download>Download the
 per-cell CSV</a></p>
 <img class="overlay" alt="segmented cells" src="{{ url_for('result_overlay', token=token) }}">
 <table id="cells"><tr><th>cell</th><th>box x0, y0, x1, y1</th><th>class</th>
-<th>probability</th><th>P({{ p.positive_label }})</th></tr>
-{% for c in cells %}<tr><td>{{ c.roi }}</td><td>{{ c.x0 }}, {{ c.y0 }}, {{ c.x1 }},
+<th>probability</th><th>P({{ p.positive_label }})</th><th>prediction set</th></tr>
+{% for c in cells %}<tr{% if c.review is sameas true %} class="review"{% endif %}><td>{{
+c.roi }}</td><td>{{ c.x0 }}, {{ c.y0 }}, {{ c.x1 }},
 {{ c.y1 }}</td><td>{{ c.label }}</td><td>{{ '%.3f'|format(c.prob) }}</td>
-<td>{{ '%.3f'|format(c.score) }}</td></tr>{% endfor %}
+<td>{{ '%.3f'|format(c.score) }}</td><td>{{ c.prediction_set|replace('|', ', ') }}
+{% if c.review is sameas true %}(review){% endif %}</td></tr>{% endfor %}
 </table>
 """
 
@@ -292,7 +298,14 @@ def create_app(
     def result_page(token: str) -> Response:
         review = get(token)
         cells = [{**c, "prob": c[f"proba_{c['label']}"]} for c in review.rois.to_dict("records")]
-        body = render_template_string(_RESULT, r=review, p=predictor, token=token, cells=cells)
+        # cells to review first, least confident first; then the rest in ROI order
+        flagged = [c.get("review") is True for c in cells]
+        order = sorted(range(len(cells)), key=lambda i: (not flagged[i],
+                       cells[i]["prob"] if flagged[i] else 0.0, cells[i]["roi"]))  # fmt: skip
+        cells = [cells[i] for i in order]
+        n_review = sum(flagged)
+        body = render_template_string(_RESULT, r=review, p=predictor, token=token, cells=cells,
+                                      n_review=n_review)  # fmt: skip
         return page(body, title=f": {review.filename}")
 
     @app.get("/results/<token>/overlay.png")

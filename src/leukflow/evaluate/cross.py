@@ -22,17 +22,26 @@ from leukflow.core.figures import subplots
 from leukflow.data.io import atomic_path
 from leukflow.evaluate.classifiers import fit_predict_folds
 from leukflow.evaluate.folds import TRAIN_ONLY
-from leukflow.evaluate.scoring import Evaluation, ScoringSettings, score_predictions
+from leukflow.evaluate.scoring import (
+    Evaluation,
+    ScoringSettings,
+    calibrate_models,
+    score_predictions,
+)
 
 log = logging.getLogger(__name__)
 
 #: The metrics of cross_dataset.csv, each with ``<metric>_ci_low`` and ``<metric>_ci_high``.
 CROSS_METRICS = ["accuracy", "balanced_accuracy", "roc_auc"]
 KEYS = ["train", "test", "encoder", "classifier", "level"]
+#: Conformal columns of cross_dataset.csv: the sets calibrated on the train
+#: dataset, measured on the test dataset (does the guarantee carry over?).
+CROSS_CONFORMAL = ["conformal_alpha", "coverage", "set_size", "review_share", "calibration_n"]
 COLUMNS = [
     *KEYS,
     *[f"{m}{s}" for m in CROSS_METRICS for s in ("", "_ci_low", "_ci_high")],
     "n",
+    *CROSS_CONFORMAL,
 ]
 #: The one "fold" of a cross-dataset evaluation: the whole test dataset.
 TEST_FOLD = 0
@@ -153,7 +162,9 @@ def evaluate_cross(
     images = test_images[["image_id", "label", "group"]].assign(
         label=lambda d: d["label"].astype(str), fold=TEST_FOLD, leaky=False
     )
-    out = score_predictions(roi_preds, images, settings)
+    # cross-conformal on the train dataset only (its ROIs are the training part)
+    calibration = calibrate_models({TEST_FOLD: embeddings}, rois, models, settings)
+    out = score_predictions(roi_preds, images, settings, calibration, scheme="cross_conformal")
     out.models = models
     return out
 
@@ -200,8 +211,10 @@ def summarise_cross(metrics: pd.DataFrame) -> pd.DataFrame:
     Returns
     -------
     pandas.DataFrame
-        :data:`COLUMNS`: each of :data:`CROSS_METRICS` with its interval, and
-        ``n`` (test ROIs at level ``roi``, test images at level ``image``).
+        :data:`COLUMNS`: each of :data:`CROSS_METRICS` with its interval,
+        ``n`` (test ROIs at level ``roi``, test images at level ``image``) and
+        :data:`CROSS_CONFORMAL` (coverage on the test dataset of sets
+        calibrated on the train dataset; NaN when conformal prediction is off).
     """
     pooled = metrics[metrics["fold"].astype(str) == "pooled"]
     rows = []
@@ -213,6 +226,8 @@ def summarise_cross(metrics: pd.DataFrame) -> pd.DataFrame:
             row[f"{m}_ci_low"] = by_metric.at[m, "ci_low"]
             row[f"{m}_ci_high"] = by_metric.at[m, "ci_high"]
         row["n"] = int(part["n"].iloc[0])
+        for col in CROSS_CONFORMAL:
+            row[col] = part[col].iloc[0] if col in part else float("nan")
         rows.append(row)
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -226,6 +241,10 @@ def plot_cross_matrix(
     level: str = "roi",
 ) -> None:
     """Train x test heatmaps of ``metric``, one panel per encoder and classifier.
+
+    Each cell also gives the prediction sets' coverage (``cov``) where the
+    table has it: off the diagonal, the train dataset's sets on the test
+    dataset, against ``1 - alpha`` within it.
 
     Parameters
     ----------
@@ -248,10 +267,13 @@ def plot_cross_matrix(
         squeeze=False,
     )  # fmt: skip
     for ax, (encoder, classifier) in zip(axes[0], panels, strict=True):
-        grid = np.full((n, n), np.nan)
+        grid, coverage = np.full((n, n), np.nan), np.full((n, n), np.nan)
         mine = rows[(rows["encoder"] == encoder) & (rows["classifier"] == classifier)]
         for r in mine.itertuples():
             grid[datasets.index(r.train), datasets.index(r.test)] = getattr(r, metric)
+            coverage[datasets.index(r.train), datasets.index(r.test)] = getattr(
+                r, "coverage", np.nan
+            )
         if within is not None and len(within):
             diag = within[
                 (within["fold"].astype(str) == "pooled")
@@ -265,12 +287,16 @@ def plot_cross_matrix(
                 if r.dataset in datasets:
                     i = datasets.index(r.dataset)
                     grid[i, i] = getattr(r, metric)
+                    coverage[i, i] = getattr(r, "coverage", np.nan)
         ax.imshow(grid, vmin=0, vmax=1, cmap="viridis")
         for i in range(n):
             for j in range(n):
                 if not np.isnan(grid[i, j]):
                     colour = "black" if grid[i, j] > 0.6 else "white"
-                    ax.text(j, i, f"{grid[i, j]:.2f}", ha="center", va="center", color=colour,
+                    text = f"{grid[i, j]:.2f}"
+                    if not np.isnan(coverage[i, j]):
+                        text += f"\ncov {coverage[i, j]:.2f}"
+                    ax.text(j, i, text, ha="center", va="center", color=colour,
                             fontsize=9, fontweight="bold" if i != j else "normal")  # fmt: skip
         ax.set_xticks(range(n), datasets, rotation=30, ha="right", fontsize=8)
         ax.set_yticks(range(n), datasets, fontsize=8)
@@ -278,7 +304,8 @@ def plot_cross_matrix(
         ax.set_ylabel("train dataset")
         ax.set_title(f"{encoder} / {classifier}", fontsize=9)
     fig.suptitle(
-        f"{level} {metric.replace('_', ' ')}; diagonal: grouped CV within the dataset",
+        f"{level} {metric.replace('_', ' ')} (cov: prediction-set coverage); diagonal: "
+        "grouped CV within the dataset",
         fontsize=9,
     )
     fig.tight_layout()

@@ -23,6 +23,7 @@ from sklearn.metrics import ConfusionMatrixDisplay, roc_auc_score, roc_curve
 
 from leukflow.core.figures import subplots
 from leukflow.data.io import atomic_path
+from leukflow.evaluate.conformal import augrc, confidence_and_correct
 
 if TYPE_CHECKING:
     from leukflow.evaluate.scoring import Evaluation
@@ -261,12 +262,53 @@ def plot_wbc_counts(
     _save(fig, path)
 
 
+def plot_risk_coverage(
+    levels: dict[str, pd.DataFrame], *, title: str, positive_label: str, path: str | Path
+) -> None:
+    """Generalised risk-coverage curve per level, with its area (AUGRC, Traub et al. 2024).
+
+    Predictions are accepted from the most confident (highest class
+    probability) down; the curve shows the share accepted against the share
+    accepted *and* wrong (multi-class call), pooled over the test folds. Where
+    conformal prediction is on, the point of the review rule (cells or images
+    not sent to review) is marked.
+
+    Parameters
+    ----------
+    levels : dict of str to pandas.DataFrame
+        ``roi``: ROI predictions with ``proba_<label>``; ``image``: image
+        predictions with ``confidence`` (images without ROIs left out).
+    title, positive_label, path
+        See :func:`plot_confusion` (``positive_label`` unused: the curve is multi-class).
+    """
+    fig, axes = subplots(1, len(levels), figsize=(4.6 * len(levels), 4.2), squeeze=False)
+    for ax, (level, preds) in zip(axes[0], levels.items(), strict=True):
+        confidence, correct = confidence_and_correct(preds, level)
+        area, coverage, risk = augrc(confidence, correct)
+        ax.plot(coverage, risk, color="tab:red", label=f"AUGRC {area:.4f}")
+        error = 1 - correct.mean() if len(correct) else 0.0
+        ax.plot([0, 1], [0, error], ls=":", color="grey", lw=1, label="random ranking")
+        if "review" in preds and len(preds):
+            kept = ~preds["review"].to_numpy(bool)
+            if level == "image":
+                kept = kept[(preds["n_rois"] > 0).to_numpy()]
+            ax.scatter([kept.mean()], [np.mean(kept & ~correct)], color="black", zorder=3,
+                       label="kept by the review rule")  # fmt: skip
+        ax.legend(loc="upper left", fontsize=8)
+        ax.set(xlim=(0, 1), xlabel="coverage (share accepted)",
+               ylabel="generalised risk (accepted and wrong)",
+               title=f"{level} level (n={len(correct)})")  # fmt: skip
+    fig.suptitle(title)
+    _save(fig, path)
+
+
 #: Plot kind (the PNG name's suffix: ``<classifier>_<kind>.png``) -> function.
 PLOTTERS: dict[str, Callable[..., None]] = {
     "confusion": plot_confusion,
     "roc": plot_roc,
     "calibration": plot_calibration,
     "wbc_count": plot_wbc_counts,
+    "risk_coverage": plot_risk_coverage,
 }
 
 

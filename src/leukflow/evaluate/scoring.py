@@ -10,6 +10,7 @@ datasets with several labels.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,9 +19,18 @@ import numpy as np
 import pandas as pd
 from sklearn.pipeline import Pipeline
 
-from leukflow.data.io import embeddings_attrs, read_table, write_table
+from leukflow.data.io import atomic_path, embeddings_attrs, read_table, write_table
 from leukflow.evaluate.bootstrap import CI_COLUMNS, score_pooled
 from leukflow.evaluate.classifiers import fit_predict_folds
+from leukflow.evaluate.conformal import (
+    CONFORMAL_COLUMNS,
+    ConformalSettings,
+    apply_conformal,
+    calibrate_folds,
+    cross_conformal_predictions,
+    image_probabilities,
+    score_selective,
+)
 from leukflow.evaluate.folds import check_no_leakage, label_rois
 from leukflow.evaluate.images import aggregate_images
 from leukflow.evaluate.metrics import COUNTS, METRICS, score_folds
@@ -50,6 +60,9 @@ class ScoringSettings:
         Seed of the bootstrap draws.
     ci_level : float
         Coverage of the bootstrap intervals, in (0, 1).
+    conformal : ConformalSettings
+        Prediction sets and review (``evaluation.conformal``); optional in
+        :meth:`from_params` (absent: the defaults).
     """
 
     positive_label: str
@@ -58,6 +71,7 @@ class ScoringSettings:
     n_boot: int = 1000
     bootstrap_seed: int = 0
     ci_level: float = 0.95
+    conformal: ConformalSettings = field(default_factory=ConformalSettings)
 
     @classmethod
     def from_params(cls, params: Mapping) -> ScoringSettings:
@@ -69,10 +83,12 @@ class ScoringSettings:
             Naming the settings ``params`` lacks.
         """
         params = dict(params)
-        missing = [f.name for f in fields(cls) if f.name not in params]
+        missing = [f.name for f in fields(cls) if f.name not in params and f.name != "conformal"]
         if missing:
             raise KeyError(f"ScoringSettings.from_params: missing {missing}; got {sorted(params)}")
-        return cls(**{f.name: params[f.name] for f in fields(cls)})
+        values = {f.name: params[f.name] for f in fields(cls) if f.name in params}
+        values["conformal"] = ConformalSettings.from_config(params.get("conformal"))
+        return cls(**values)
 
 
 @dataclass
@@ -84,6 +100,12 @@ class Evaluation:
     metrics: pd.DataFrame
     metrics_per_class: pd.DataFrame
     models: dict[tuple[str, int], Pipeline] = field(default_factory=dict)
+    #: The calibration members' predictions (empty when conformal prediction is off).
+    calibration_predictions: pd.DataFrame = field(
+        default_factory=lambda: pd.DataFrame(columns=["classifier", "fold"])
+    )
+    #: conformal.json: the settings and every model's thresholds, plain numbers.
+    conformal: dict = field(default_factory=dict)
 
 
 def evaluate_embeddings(
@@ -138,13 +160,40 @@ def evaluate_embeddings(
         return_models=True,
         inner_folds=inner_folds,
     )
-    out = score_predictions(roi_preds, folds, settings)
+    calibration = calibrate_models(embeddings, rois, models, settings)
+    out = score_predictions(roi_preds, folds, settings, calibration, scheme="cross_conformal")
     out.models = models
     return out
 
 
+def calibrate_models(
+    embeddings: Mapping[int, np.ndarray],
+    rois: pd.DataFrame,
+    models: Mapping[tuple[str, int], Pipeline],
+    settings: ScoringSettings,
+) -> pd.DataFrame | None:
+    """Cross-conformal calibration rows of fitted models; None when conformal prediction is off.
+
+    See :func:`leukflow.evaluate.conformal.cross_conformal_predictions`.
+    """
+    if not settings.conformal.enabled:
+        return None
+    return cross_conformal_predictions(
+        embeddings,
+        rois,
+        models,
+        positive_label=settings.positive_label,
+        calibration_folds=settings.conformal.calibration_folds,
+    )
+
+
 def score_predictions(
-    roi_preds: pd.DataFrame, folds: pd.DataFrame, settings: ScoringSettings
+    roi_preds: pd.DataFrame,
+    folds: pd.DataFrame,
+    settings: ScoringSettings,
+    calibration: pd.DataFrame | None = None,
+    *,
+    scheme: str = "",
 ) -> Evaluation:
     """Image calls and every metric table from ROI predictions of any source.
 
@@ -153,6 +202,12 @@ def score_predictions(
     (:func:`.vote_predictions`). Only test images (fold >= 0) are scored; a
     holdout split's training-only images (fold -1) are not. Parameters and
     the returned tables: see :func:`evaluate_embeddings` (no models).
+
+    With ``settings.conformal.enabled`` and ``calibration`` (the calibration
+    members' predictions, ``fold`` naming the model they calibrate), every
+    test ROI and image gets a prediction set and ``review``
+    (:func:`leukflow.evaluate.conformal.apply_conformal`); ``scheme`` names
+    how the calibration rows were made, in conformal.json.
     """
     positive_label = settings.positive_label
     leaky = bool(folds["leaky"].any())
@@ -164,6 +219,12 @@ def score_predictions(
         method=settings.image_aggregation,
         threshold=settings.any_positive_threshold,
     )
+    image_preds = _with_confidence(roi_preds, image_preds)
+    conformal = _conformal_json(settings.conformal, scheme, calibration)
+    if conformal["models"] is not None:
+        roi_preds, image_preds = apply_conformal(
+            roi_preds, image_preds, conformal["models"], settings.conformal
+        )
     groups = folds.set_index("image_id")["group"]
     classes = sorted(folds["label"].astype(str).unique())
     metrics, per_class = [], []
@@ -184,7 +245,11 @@ def score_predictions(
         )
     first = ["classifier", "level", "fold", "leaky"]
     table = pd.concat(metrics, ignore_index=True).assign(leaky=leaky)
-    table = table[[*first, *METRICS, *COUNTS, *CI_COLUMNS]]
+    selective = score_selective(
+        {"roi": roi_preds, "image": image_preds}, conformal["models"], settings.conformal.alpha
+    )
+    table = table.merge(selective, on=["classifier", "level", "fold"], how="left")
+    table = table[[*first, *METRICS, *COUNTS, *CI_COLUMNS, *CONFORMAL_COLUMNS]]
     per_class_table = pd.concat(per_class, ignore_index=True).assign(leaky=leaky)
     per_class_table = per_class_table[[*first, "class", "precision", "recall", "f1", "support"]]
     return Evaluation(
@@ -192,7 +257,35 @@ def score_predictions(
         image_predictions=image_preds.assign(leaky=leaky),
         metrics=table,
         metrics_per_class=per_class_table,
+        calibration_predictions=(
+            calibration if conformal["enabled"] else pd.DataFrame(columns=["classifier", "fold"])
+        ),
+        conformal=conformal,
     )
+
+
+def _with_confidence(roi_preds: pd.DataFrame, image_preds: pd.DataFrame) -> pd.DataFrame:
+    """Add each image's ``confidence``: its highest mean ROI probability (0 without ROIs)."""
+    per_image = image_probabilities(roi_preds).max(axis=1).rename("confidence")
+    out = image_preds.join(per_image, on=["classifier", "fold", "image_id"])
+    return out.assign(confidence=out["confidence"].fillna(0.0))
+
+
+def _conformal_json(
+    settings: ConformalSettings, scheme: str, calibration: pd.DataFrame | None
+) -> dict:
+    """conformal.json's content; ``models`` None when conformal prediction is off."""
+    on = settings.enabled and calibration is not None
+    return {
+        "enabled": bool(on),
+        "alpha": settings.alpha,
+        "mondrian": settings.mondrian,
+        "image_rule": settings.image_rule,
+        "image_review_share": settings.image_review_share,
+        "nonconformity": "1 - probability of the label (LAC)",
+        "calibration": scheme if on else None,
+        "models": calibrate_folds(calibration, settings) if on else None,
+    }
 
 
 def write_evaluation(
@@ -220,6 +313,11 @@ def write_evaluation(
         whose predictions are gathered across pairs).
     """
     paths = dict(paths)
+    if "conformal" in paths:
+        with atomic_path(paths["conformal"]) as tmp:
+            tmp.write_text(json.dumps(result.conformal, indent=1, sort_keys=True))
+    if "calibration_predictions" in paths:
+        write_table(result.calibration_predictions, paths["calibration_predictions"])
     for name in ("metrics", "metrics_per_class"):
         if name in paths:
             table = getattr(result, name)
