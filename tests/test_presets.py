@@ -97,10 +97,10 @@ def test_compare_figures_puts_paper_leaky_and_grouped_side_by_side():
 def test_s2_preset_runs_end_to_end_beside_its_honest_twin(tmp_path):
     user = {
         "results_dir": "out",
-        "datasets": {"demo": {"format": "demo", "root": "demo", "n_fields": 16,
+        "datasets": {"demo": {"format": "demo", "root": "demo", "n_fields": 8,
                               "fields_per_patient": 2, "seed": 0}},
         "segmentation": {"roi_size_px": 32},
-        "folds": {"k": 3},
+        "folds": {"k": 2},
         "encoders": {"small_cnn": {"epochs": 1, "batch_size": 16}},
         "evaluation": {"n_boot": 200},
     }  # fmt: skip
@@ -125,7 +125,7 @@ def test_s2_preset_runs_end_to_end_beside_its_honest_twin(tmp_path):
     assert set(metrics["classifier"]) == {"cnn_softmax"}
     pooled = metrics[(metrics["fold"] == "pooled") & (metrics["metric"] == "accuracy")]
     pooled = pooled[pooled["level"] == "roi"].set_index("dataset")
-    # the head's calls are scored like any classifier's: 16 fields, one central cell each
+    # the head's calls are scored like any classifier's: 8 fields, one central cell each
     preds = pd.read_parquet(out / "evaluate/demo/small_cnn/cnn_softmax/roi_predictions.parquet")
     assert set(preds["classifier"]) == {"cnn_softmax"}
     assert len(preds) == pooled.loc["demo", "n"]

@@ -18,17 +18,11 @@ from leukflow.data.io import open_embeddings
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "slurm"
-# The CI cluster has no accounting and no accounts, and one node of 2 CPUs.
-CI_FLAGS = ["--slurm-no-account", "--slurm-status-command", "squeue", "--max-threads", "2"]
-
-CONFIG = {
-    "datasets": {"demo": {"format": "demo", "root": "demo", "n_fields": 12,
-                          "fields_per_patient": 2, "seed": 3}},
-    "segmentation": {"roi_size_px": 32},
-    "folds": {"k": 3},
-    "encoders": {"resnet18": {"epochs": 2, "batch_size": 16}},
-    "classifiers": {"random_forest": {"n_estimators": 50}, "knn": {"n_neighbors": 3}},
-}  # fmt: skip
+# The CI cluster has no accounting and no accounts, and one node of 2 CPUs. Its
+# jobs take seconds: the first status check after a submission comes after 1 s,
+# not the plugin's default 40 s, which would idle the run between stages.
+CI_FLAGS = ["--slurm-no-account", "--slurm-status-command", "squeue", "--max-threads", "2",
+            "--slurm-init-seconds-before-status-checks", "1"]  # fmt: skip
 
 
 def slurm_is_up() -> bool:
@@ -96,19 +90,27 @@ def test_slurm_results_equal_a_local_run(runs):
     )
 
 
-def test_gpu_request_reaches_the_sbatch_command_line(tmp_path):
+def test_gpu_request_reaches_the_sbatch_command_line(e2e_run, tmp_path):
     # This cluster has no GPU, so the submission is refused; what matters is
-    # that the sbatch call that training jobs generate asks for the GPU.
-    config = {**CONFIG, "results_dir": "gpu", "cluster": {"gpu": 1, "gpu_model": "a100"}}
+    # that the sbatch call that training jobs generate asks for the GPU, and
+    # only theirs. The local run's results (same config) stand in for the
+    # upstream jobs: the segmentation's merge is redone as a CPU job on the
+    # cluster, then the training jobs are submitted.
+    e2e_work, local = e2e_run
+    shutil.copytree(e2e_work / "demo", tmp_path / "demo")
+    shutil.copytree(local, tmp_path / "gpu")
+    config = yaml.safe_load((e2e_work / "my.yaml").read_text())
+    config = {**config, "results_dir": "gpu", "cluster": {"gpu": 1, "gpu_model": "a100"}}
     (tmp_path / "gpu.yaml").write_text(yaml.safe_dump(config))
     run = snakemake(
         tmp_path, "--profile", str(PROFILE), *CI_FLAGS, "--configfile", "gpu.yaml",
-        "--until", "train_encoder", "--verbose", "--retries", "0",
+        "--until", "train_encoder", "--forcerun", "merge_segments", "--verbose", "--retries", "0",
     )  # fmt: skip
     calls = re.findall(r"sbatch call: (.*)", run.stdout + run.stderr)
     train = [c for c in calls if "rule_train_encoder" in c or "train_encoder" in c]
     assert train, calls
     assert all("--gpus=a100:1" in c for c in train)
     others = [c for c in calls if c not in train]
-    assert others  # ingest and segmentation ran as CPU jobs
+    assert others  # the segmentation's merge ran as a CPU job
+    assert any("merge_segments" in c for c in others), others
     assert not any("--gpus" in c for c in others)
