@@ -211,3 +211,23 @@ def test_real_data_pairs_are_exactly_those_checked_by_eye(shared_data):
     sizes = group_patients(manifest, pairs).value_counts()
     assert sizes.max() == 3
     assert (sizes == 3).sum() == 1
+
+
+def test_an_index_file_lacking_arrays_is_rebuilt(tmp_path, caplog):
+    from leukflow.data import cache, duplicates
+
+    images = {k: v for k, v in _copies().items() if k in ("orig", "shifted", "other1")}
+    manifest = _manifest(images)
+    expected = find_duplicates(manifest, max_distance=DEFAULT_MAX_DISTANCE)
+    path = index_file(tmp_path)
+    find_duplicates(manifest, max_distance=DEFAULT_MAX_DISTANCE, cache_dir=tmp_path)
+    arrays, meta = cache.load_arrays(path)
+    # an index written without the keypoints and the scores' overlap (older or damaged)
+    cache.save_arrays(path, {k: v for k, v in arrays.items() if k not in ("keys", "overlap")},
+                      meta)  # fmt: skip
+    with caplog.at_level("WARNING", logger=duplicates.__name__):
+        assert duplicates._load_index(path) is None
+    assert "lacks keys, overlap" in caplog.text
+    again = find_duplicates(manifest, max_distance=DEFAULT_MAX_DISTANCE, cache_dir=tmp_path)
+    pd.testing.assert_frame_equal(again, expected)
+    assert set(cache.load_arrays(path)[0]) >= {"keys", "overlap"}
