@@ -60,7 +60,7 @@ SCALES = (1 / 1.1, 1.0, 1.1)
 #: Versions of b (by phase-correlation peak) scored at full size per pair.
 N_REFINE = 4
 #: Earlier images (nearest by descriptor) that each image is verified against.
-N_CANDIDATES = 4
+N_CANDIDATES = 5
 #: Default largest 1 - correlation of a duplicate pair (``ingest.duplicate_max_distance``).
 DEFAULT_MAX_DISTANCE = 0.08
 #: Smallest overlap, as a fraction of the smaller image, of a duplicate pair.
@@ -74,7 +74,7 @@ N_MATCHES = 5
 #: Keypoints of images before a block preselected by the k-d tree, and the
 #: descriptor values it works on (the most varied ones: a k-d tree on all 25 is
 #: slower than comparing every pair).
-N_PRESELECT = 16
+N_PRESELECT = 32
 _TREE_DIMS = [0, 1, 6, 22, 19, 23, 16, 2]
 _BLOCK = 512  # images compared directly with each other
 #: Zooms of an image's thumbnail that it also searches with (their own and :func:`zoomed_keys`).
