@@ -94,7 +94,7 @@ _FINE_MARGIN_PX = 3
 #: reported distance is the larger of the two, rescaled so that
 #: ``DEFAULT_MAX_DISTANCE`` is each score's limit.
 _BAND_LIMIT = 0.05
-_FINE_LIMIT = 0.10
+_FINE_LIMIT = 0.12
 _POLISH_BELOW = 0.3  # distances worth refining to fractions of a pixel
 _NEAR_SCALE = 0.02  # a pair within this zoom and offset (thumbnail pixels) is "near"
 _NEAR_OFFSET_PX = 0.5
