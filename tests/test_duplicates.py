@@ -174,7 +174,7 @@ def test_plot_duplicates_draws_the_pairs(tmp_path, found):
 #: Pairs of the real data checked by eye: the same cell, re-cut (Zheng) or in
 #: two overlapping fields (BCCD).
 ZHENG_PAIRS = [(112, 139), (166, 171), (70, 72), (56, 92), (71, 84), (157, 158), (167, 169),
-               (60, 90), (30, 86), (51, 73), (19, 75), (26, 89)]  # fmt: skip
+               (60, 90), (30, 86), (51, 73), (19, 75), (26, 89), (54, 91)]  # fmt: skip
 BCCD_PAIRS = [
     (37, 38), (384, 393), (205, 276), (230, 257), (227, 260), (242, 249), (231, 256),
     (386, 391), (206, 278), (382, 395), (244, 247), (223, 263), (226, 261), (204, 277),
@@ -211,3 +211,23 @@ def test_real_data_pairs_are_exactly_those_checked_by_eye(shared_data):
     sizes = group_patients(manifest, pairs).value_counts()
     assert sizes.max() == 3
     assert (sizes == 3).sum() == 1
+
+
+def test_an_index_file_lacking_arrays_is_rebuilt(tmp_path, caplog):
+    from leukflow.data import cache, duplicates
+
+    images = {k: v for k, v in _copies().items() if k in ("orig", "shifted", "other1")}
+    manifest = _manifest(images)
+    expected = find_duplicates(manifest, max_distance=DEFAULT_MAX_DISTANCE)
+    path = index_file(tmp_path)
+    find_duplicates(manifest, max_distance=DEFAULT_MAX_DISTANCE, cache_dir=tmp_path)
+    arrays, meta = cache.load_arrays(path)
+    # an index written without the keypoints and the scores' overlap (older or damaged)
+    cache.save_arrays(path, {k: v for k, v in arrays.items() if k not in ("keys", "overlap")},
+                      meta)  # fmt: skip
+    with caplog.at_level("WARNING", logger=duplicates.__name__):
+        assert duplicates._load_index(path) is None
+    assert "lacks keys, overlap" in caplog.text
+    again = find_duplicates(manifest, max_distance=DEFAULT_MAX_DISTANCE, cache_dir=tmp_path)
+    pd.testing.assert_frame_equal(again, expected)
+    assert set(cache.load_arrays(path)[0]) >= {"keys", "overlap"}

@@ -57,8 +57,10 @@ TRANSFORMS = (
 )  # fmt: skip
 #: Zoom factors of b's thumbnail tried in the verification (+-15%).
 SCALES = (1 / 1.1, 1.0, 1.1)
+#: Versions of b (by phase-correlation peak) scored at full size per pair.
+N_REFINE = 4
 #: Earlier images (nearest by descriptor) that each image is verified against.
-N_CANDIDATES = 4
+N_CANDIDATES = 5
 #: Default largest 1 - correlation of a duplicate pair (``ingest.duplicate_max_distance``).
 DEFAULT_MAX_DISTANCE = 0.08
 #: Smallest overlap, as a fraction of the smaller image, of a duplicate pair.
@@ -69,10 +71,30 @@ _CANVAS_PX = 48
 #: Keypoints described per thumbnail, and nearest keypoints each one votes for.
 N_KEYPOINTS = 16
 N_MATCHES = 5
+#: Keypoints of images before a block preselected by the k-d tree, and the
+#: descriptor values it works on (the most varied ones: a k-d tree on all 25 is
+#: slower than comparing every pair).
+N_PRESELECT = 32
+_TREE_DIMS = [0, 1, 6, 22, 19, 23, 16, 2]
+_BLOCK = 512  # images compared directly with each other
+#: Zooms of an image's thumbnail that it also searches with (their own and :func:`zoomed_keys`).
+QUERY_SCALES = (1 / 1.1, 1.1)
 _RINGS = np.array([1.5, 3.0, 4.5, 6.0, 8.0, 10.0])  # ring radii around a keypoint, pixels
 _ANGLES = 16  # samples on each ring
 _KEY_DIM = 1 + 4 * len(_RINGS)  # centre, ring means and 3 harmonics per ring
-_BAND_SIGMAS_PX = (1.0, 4.0)  # difference of Gaussians scored by the verification
+_BAND_SIGMAS_PX = (1.0, 4.0)  # difference of Gaussians the verification aligns on
+#: Finer difference of Gaussians of the second check (detail that distinct
+#: look-alike cells do not share, which a copy keeps through re-encoding).
+_FINE_SIGMAS_PX = (0.7, 2.0)
+#: Pixels next to either image's border left out of each score: there a
+#: band-pass sees the reflected border, which a shifted copy does not have.
+_MARGIN_PX = 6
+_FINE_MARGIN_PX = 3
+#: 1 - correlation of each score that the default threshold allows; the
+#: reported distance is the larger of the two, rescaled so that
+#: ``DEFAULT_MAX_DISTANCE`` is each score's limit.
+_BAND_LIMIT = 0.05
+_FINE_LIMIT = 0.12
 _POLISH_BELOW = 0.3  # distances worth refining to fractions of a pixel
 _NEAR_SCALE = 0.02  # a pair within this zoom and offset (thumbnail pixels) is "near"
 _NEAR_OFFSET_PX = 0.5
@@ -167,81 +189,124 @@ def describe(thumb: np.ndarray) -> np.ndarray:
     ).astype(np.float32)
 
 
-def earlier_candidates(
-    keys: np.ndarray, owner: np.ndarray, start: int, n_images: int, k: int
-) -> list[tuple[int, int]]:
-    """Candidate pairs ``(i, j)``, ``i < j``: each image ``j >= start`` with its best earlier ones.
+def zoomed_keys(thumb: np.ndarray) -> list[np.ndarray]:
+    """Descriptors an image also searches with: those of its zoomed thumbnail.
 
-    Every keypoint of ``j`` votes for the images of its :data:`N_MATCHES`
-    nearest keypoints among images before ``j``; ``j``'s candidates are the
-    ``k`` images with most votes. The nearest keypoints come from a k-d tree
-    of the images before the current block merged with a direct search inside
-    the block, so they are exactly those among all earlier images: adding
-    images later pairs them as a search of all images at once would.
+    The ring radii of :func:`describe` are fixed, so a copy with a 10-15%
+    wider or narrower field of view describes its blobs a little differently;
+    searching also with the thumbnail zoomed by each of :data:`QUERY_SCALES`
+    finds such copies that the index, which holds each image at scale 1 only,
+    would miss.
+    """
+    thumb = np.asarray(thumb, np.float32)
+    return [
+        describe(ndimage.zoom(thumb, s, order=1, grid_mode=True, mode="nearest"))
+        for s in QUERY_SCALES
+    ]
+
+
+def earlier_candidates(
+    keys: np.ndarray,
+    owner: np.ndarray,
+    queries: np.ndarray,
+    query_owner: np.ndarray,
+    n_images: int,
+    k: int,
+) -> list[tuple[int, int]]:
+    """Candidate pairs ``(i, j)``, ``i < j``: each queried image ``j`` with its best earlier ones.
+
+    Every query keypoint of ``j`` votes for the images of its
+    :data:`N_MATCHES` nearest keypoints among images before ``j``; ``j``'s
+    candidates are the ``k`` images with most votes. Images go in blocks of
+    :data:`_BLOCK` (counted from the first image, wherever the queries
+    start). Inside a block, keypoints are compared directly; against the
+    images before the block, a k-d tree on the :data:`_TREE_DIMS` most varied
+    descriptor values preselects :data:`N_PRESELECT` keypoints that are then
+    ranked on all values. Both depend only on the images before ``j``, so
+    adding images later pairs them as a search of all images at once would.
 
     Parameters
     ----------
     keys : numpy.ndarray
-        ``(m, d)`` keypoint descriptors of all images, grouped by image.
+        ``(m, d)`` keypoint descriptors of all images (:func:`describe`),
+        grouped by image.
     owner : numpy.ndarray
         ``(m,)`` the image (position in the index) of each keypoint, ascending.
-    start : int
-        First image to find candidates for (the images before it were done).
+    queries, query_owner : numpy.ndarray
+        The same for the images to find candidates for (their own and :func:`zoomed_keys`).
     n_images : int
         Images in the index.
     k : int
         Candidates per image.
     """
-    from sklearn.neighbors import KDTree
-
     pairs: list[tuple[int, int]] = []
-    block = 2048  # images per block; the tree holds the images before the block
+    if len(query_owner) == 0:
+        return pairs
     first = np.searchsorted(owner, np.arange(n_images + 1))
-    for lo in range(start, n_images, block):
-        hi = min(lo + block, n_images)
-        qs = slice(first[lo], first[hi])
-        query, query_owner = keys[qs], owner[qs]
-        if len(query) == 0:
-            continue
-        cand_d = np.full((len(query), 0), np.inf, np.float32)
-        cand_i = np.zeros((len(query), 0), np.int64)
-        if first[lo] > 0:
-            m = min(N_MATCHES, first[lo])
-            dist, ind = KDTree(keys[: first[lo]]).query(query, k=m)
-            cand_d, cand_i = dist.astype(np.float32), ind
-        # inside the block: every keypoint against those of earlier images of the block,
-        # a slice of rows at a time so the distance matrix stays small
-        near_d, near = _nearest_inside(query, query_owner)
-        all_d = np.concatenate([cand_d, near_d], axis=1)
-        all_i = np.concatenate([cand_i, near + first[lo]], axis=1)
-        best = np.argsort(all_d, axis=1, kind="stable")[:, :N_MATCHES]
-        voted_d = np.take_along_axis(all_d, best, axis=1)
-        voted = owner[np.take_along_axis(all_i, best, axis=1)]
-        for j in range(lo, hi):
-            rows = slice(first[j] - first[lo], first[j + 1] - first[lo])
+    q_first = np.searchsorted(query_owner, np.arange(n_images + 1))
+    for lo in range(int(query_owner[0]) // _BLOCK * _BLOCK, n_images, _BLOCK):
+        hi = min(lo + _BLOCK, n_images)
+        qs = slice(q_first[lo], q_first[hi])
+        voted_d, voted = _block_votes(keys, owner, first[lo], first[hi], queries[qs],
+                                      query_owner[qs])  # fmt: skip
+        for j in np.unique(query_owner[qs]):
+            rows = slice(q_first[j] - q_first[lo], q_first[j + 1] - q_first[lo])
             ok = np.isfinite(voted_d[rows])
             if not ok.any():
                 continue
             images, votes = np.unique(voted[rows][ok], return_counts=True)
             top = images[np.lexsort((images, -votes))][:k]
-            pairs += [(int(i), j) for i in top]
+            pairs += [(int(i), int(j)) for i in top]
     return pairs
 
 
-def _nearest_inside(keys: np.ndarray, owner: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distances and positions of each keypoint's nearest keypoints of earlier images."""
-    m = min(N_MATCHES, len(keys))
-    dist = np.full((len(keys), m), np.inf, np.float32)
-    index = np.zeros((len(keys), m), np.int64)
+def _block_votes(
+    keys: np.ndarray, owner: np.ndarray, lo: int, hi: int, query: np.ndarray, query_owner
+) -> tuple[np.ndarray, np.ndarray]:
+    """Distances and images of the nearest earlier keypoints of a block's query keypoints.
+
+    ``keys[lo:hi]`` are the keypoints of the block's images.
+    """
+    from sklearn.neighbors import KDTree
+
+    cand_d = np.full((len(query), 0), np.inf, np.float32)
+    cand_i = np.zeros((len(query), 0), np.int64)
+    if lo > 0 and len(query):
+        m = min(N_PRESELECT, lo)
+        tree = KDTree(keys[:lo, _TREE_DIMS], leaf_size=40)
+        cand_i = tree.query(query[:, _TREE_DIMS], k=m, return_distance=False)
+        cand_d = np.sqrt(((keys[cand_i] - query[:, None]) ** 2).sum(axis=2)).astype(np.float32)
+    # inside the block: every keypoint against those of earlier images of the block
+    near_d, near = _nearest_inside(query, query_owner, keys[lo:hi], owner[lo:hi])
+    all_d = np.concatenate([cand_d, near_d], axis=1)
+    all_i = np.concatenate([cand_i, near + lo], axis=1)
+    best = np.argsort(all_d, axis=1, kind="stable")[:, :N_MATCHES]
+    voted_d = np.take_along_axis(all_d, best, axis=1)
+    return voted_d, owner[np.take_along_axis(all_i, best, axis=1)]
+
+
+def _nearest_inside(
+    query: np.ndarray, query_owner: np.ndarray, keys: np.ndarray, owner: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Distances and positions in ``keys`` of each query's nearest keypoints of earlier images."""
+    m = N_MATCHES
+    dist = np.full((len(query), m), np.inf, np.float32)
+    index = np.zeros((len(query), m), np.int64)
     norms = (keys**2).sum(axis=1)
     rows = 1024
-    for lo in range(0, len(keys), rows):
-        hi = min(lo + rows, len(keys))
-        d2 = norms[lo:hi, None] + norms[None, :] - 2 * keys[lo:hi] @ keys.T
-        d2[owner[lo:hi, None] <= owner[None, :]] = np.inf
-        near = np.argpartition(d2, m - 1, axis=1)[:, :m]
-        dist[lo:hi] = np.sqrt(np.maximum(np.take_along_axis(d2, near, axis=1), 0))
-        index[lo:hi] = near
+    for lo in range(0, len(query), rows):
+        hi = min(lo + rows, len(query))
+        # only earlier images count, so only the keypoints before this slice's last image
+        cols = int(np.searchsorted(owner, query_owner[hi - 1]))
+        mm = min(m, cols)
+        if mm == 0:
+            continue
+        q = query[lo:hi]
+        d2 = (q**2).sum(axis=1)[:, None] + norms[None, :cols] - 2 * q @ keys[:cols].T
+        d2[query_owner[lo:hi, None] <= owner[None, :cols]] = np.inf
+        near = np.argpartition(d2, mm - 1, axis=1)[:, :mm]
+        dist[lo:hi, :mm] = np.sqrt(np.maximum(np.take_along_axis(d2, near, axis=1), 0))
+        index[lo:hi, :mm] = near
     return dist, index
 
 
@@ -272,8 +337,8 @@ def _dihedral(x: np.ndarray, name: str) -> np.ndarray:
     return ops[name](x)
 
 
-def _band(x: np.ndarray) -> np.ndarray:
-    small, large = _BAND_SIGMAS_PX
+def _band(x: np.ndarray, sigmas: tuple[float, float] = _BAND_SIGMAS_PX) -> np.ndarray:
+    small, large = sigmas
     return ndimage.gaussian_filter(x, small) - ndimage.gaussian_filter(x, large)
 
 
@@ -304,6 +369,7 @@ class Reference:
     def __init__(self, thumb: np.ndarray) -> None:
         thumb = np.asarray(thumb, np.float32)
         self.band = _band(thumb)
+        self.fine = _band(thumb, _FINE_SIGMAS_PX)
         self.spectrum = _spectra([_coarse(thumb)])[0]
 
 
@@ -316,8 +382,12 @@ class Versions:
         self.band: list[np.ndarray] = []  # per (scale, transform)
         self.keys: list[tuple[float, str]] = []
         whole = _band(thumb)
+        fine = _band(thumb, _FINE_SIGMAS_PX)
         self.turned_band = {
             name: np.ascontiguousarray(_dihedral(whole, name)) for name in TRANSFORMS
+        }
+        self.turned_fine = {
+            name: np.ascontiguousarray(_dihedral(fine, name)) for name in TRANSFORMS
         }
         coarse = []
         for scale in SCALES:
@@ -337,7 +407,9 @@ def _ncc(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.einsum("ij,ij->", a, b) / denom) if denom > 1e-6 else 0.0
 
 
-def align(a: np.ndarray | Reference, b: np.ndarray | Versions, *, n_refine: int = 2) -> Match:
+def align(
+    a: np.ndarray | Reference, b: np.ndarray | Versions, *, n_refine: int = N_REFINE
+) -> Match:
     """Best alignment of thumbnail b onto thumbnail a over flips, rotations, zooms and shifts.
 
     Phase correlation of 2x-reduced thumbnails gives each version of b its
@@ -363,7 +435,9 @@ def align(a: np.ndarray | Reference, b: np.ndarray | Versions, *, n_refine: int 
     return align_many([ref], versions, n_refine=n_refine)[0]
 
 
-def align_many(refs: list[Reference], versions: Versions, *, n_refine: int = 2) -> list[Match]:
+def align_many(
+    refs: list[Reference], versions: Versions, *, n_refine: int = N_REFINE
+) -> list[Match]:
     """:func:`align` of one image's versions onto several references at once."""
     cross = np.stack([r.spectrum for r in refs])[:, None] * np.conj(versions.spectra)[None]
     cross /= np.abs(cross) + np.float32(1e-6)
@@ -373,8 +447,48 @@ def align_many(refs: list[Reference], versions: Versions, *, n_refine: int = 2) 
     heights = np.take_along_axis(flat, peak[..., None], axis=2)[..., 0]
     order = np.argsort(-heights, axis=1)[:, :n_refine]
     found = [_refine(ref, versions, peak[n], order[n]) for n, ref in enumerate(refs)]
-    return [_polish(ref, versions, m) if m.distance < _POLISH_BELOW else m
+    return [_polish(ref, versions, m) if m.distance < _POLISH_BELOW else _far(m)
             for ref, m in zip(refs, found, strict=True)]  # fmt: skip
+
+
+def _far(match: Match) -> Match:
+    """Put a match too far to polish on the distance scale of :func:`_with_fine_check`."""
+    distance = min(1.0, DEFAULT_MAX_DISTANCE * match.distance / _BAND_LIMIT)
+    return Match(distance, match.transform, match.scale, match.dy, match.dx, match.overlap)
+
+
+def _warped_distance(
+    band_a: np.ndarray, band_b: np.ndarray, dy: float, dx: float, scale: float, margin_px: int
+) -> float:
+    """1 - correlation of ``band_a`` and ``band_b`` placed at ``(dy, dx)`` and zoomed by ``scale``.
+
+    Pixels within ``margin_px`` of either image's border are left out; an
+    overlap below :data:`MIN_OVERLAP` scores 1.
+    """
+    size = band_a.shape[0]
+    if not 1 / 1.2 <= scale <= 1.2:
+        return 1.0
+    grid_y, grid_x = _GRID
+    by, bx = (grid_y - dy) / scale, (grid_x - dx) / scale
+    inside = (by >= 0) & (by <= size - 1) & (bx >= 0) & (bx <= size - 1)
+    if inside.sum() < MIN_OVERLAP * min(size, size * scale) ** 2:
+        return 1.0
+    lo, hi = margin_px / scale, size - 1 - margin_px / scale
+    inside &= (by >= lo) & (by <= hi) & (bx >= lo) & (bx <= hi) & _INTERIOR[margin_px]
+    warped = ndimage.map_coordinates(band_b, [by[inside], bx[inside]], order=1)
+    a = band_a[inside]
+    a, warped = a - a.mean(), warped - warped.mean()
+    return 1 - _ncc(a[None], warped[None])
+
+
+def _interior(margin_px: int) -> np.ndarray:
+    inside = np.zeros((THUMBNAIL_PX, THUMBNAIL_PX), bool)
+    inside[margin_px : THUMBNAIL_PX - margin_px, margin_px : THUMBNAIL_PX - margin_px] = True
+    return inside
+
+
+_GRID = np.mgrid[:THUMBNAIL_PX, :THUMBNAIL_PX].astype(np.float32)
+_INTERIOR = {m: _interior(m) for m in (_MARGIN_PX, _FINE_MARGIN_PX)}
 
 
 def _polish(ref: Reference, versions: Versions, match: Match) -> Match:
@@ -388,19 +502,9 @@ def _polish(ref: Reference, versions: Versions, match: Match) -> Match:
 
     size = ref.band.shape[0]
     band_b = versions.turned_band[match.transform]
-    grid_y, grid_x = np.mgrid[:size, :size].astype(np.float32)
 
     def cost(params: np.ndarray) -> float:
-        dy, dx, scale = params
-        if not 1 / 1.2 <= scale <= 1.2:
-            return 1.0
-        by, bx = (grid_y - dy) / scale, (grid_x - dx) / scale
-        inside = (by >= 0) & (by <= size - 1) & (bx >= 0) & (bx <= size - 1)
-        if inside.sum() < MIN_OVERLAP * min(size, size * scale) ** 2:
-            return 1.0
-        warped = ndimage.map_coordinates(band_b, [by[inside], bx[inside]], order=1)
-        a = ref.band[inside]
-        return 1 - _ncc(a[None], warped[None])
+        return _warped_distance(ref.band, band_b, *params, _MARGIN_PX)
 
     start = np.array([match.dy, match.dx, match.scale])
     # the start and one step of 0.7 px down, 0.7 px right and 3% of scale
@@ -408,17 +512,31 @@ def _polish(ref: Reference, versions: Versions, match: Match) -> Match:
     result = minimize(cost, start, method="Nelder-Mead",
                       options={"xatol": 0.05, "fatol": 1e-4, "maxfev": 60,
                                "initial_simplex": simplex})  # fmt: skip
-    if result.fun >= match.distance:
-        return match
-    dy, dx, scale = result.x
-    side = size * scale
-    overlap = (
-        max(0.0, min(size, dy + side) - max(0.0, dy))
-        * max(0.0, min(size, dx + side) - max(0.0, dx))
-        / min(size, side) ** 2
-    )
-    return Match(float(result.fun), match.transform, float(scale), float(dy), float(dx),
-                 float(min(overlap, 1.0)))  # fmt: skip
+    if result.fun < match.distance:
+        dy, dx, scale = (float(v) for v in result.x)
+        side = size * scale
+        overlap = (
+            max(0.0, min(size, dy + side) - max(0.0, dy))
+            * max(0.0, min(size, dx + side) - max(0.0, dx))
+            / min(size, side) ** 2
+        )
+        match = Match(float(result.fun), match.transform, scale, dy, dx, min(overlap, 1.0))
+    return _with_fine_check(ref, versions, match)
+
+
+def _with_fine_check(ref: Reference, versions: Versions, match: Match) -> Match:
+    """Score the match on the fine band too; the distance becomes the worse of the two.
+
+    Each score is divided by what the default threshold allows of it
+    (:data:`_BAND_LIMIT`, :data:`_FINE_LIMIT`), times :data:`DEFAULT_MAX_DISTANCE`.
+    """
+    fine = _warped_distance(
+        ref.fine, versions.turned_fine[match.transform], match.dy, match.dx, match.scale,
+        _FINE_MARGIN_PX,
+    )  # fmt: skip
+    distance = DEFAULT_MAX_DISTANCE * max(match.distance / _BAND_LIMIT, fine / _FINE_LIMIT)
+    return Match(min(distance, 1.0), match.transform, match.scale, match.dy, match.dx,
+                 match.overlap)  # fmt: skip
 
 
 def _refine(ref: Reference, versions: Versions, peak: np.ndarray, chosen: np.ndarray) -> Match:
@@ -440,6 +558,10 @@ def _refine(ref: Reference, versions: Versions, peak: np.ndarray, chosen: np.nda
                 overlap = (y1 - y0) * (x1 - x0) / min(size, side) ** 2
                 if overlap < MIN_OVERLAP:
                     continue
+                # scored away from both images' borders
+                m = _MARGIN_PX
+                y0, y1 = max(m, dy + m), min(size - m, dy + side - m)
+                x0, x1 = max(m, dx + m), min(size - m, dx + side - m)
                 corr = _ncc(ref.band[y0:y1, x0:x1], band_b[y0 - dy : y1 - dy, x0 - dx : x1 - dx])
                 if 1 - corr < best.distance:
                     best = Match(1 - corr, name, scale, float(dy), float(dx), float(overlap))
@@ -450,7 +572,8 @@ def _refine(ref: Reference, versions: Versions, peak: np.ndarray, chosen: np.nda
 INDEX_SOURCES = ("data/duplicates.py",)
 _INDEX_PARAMS = {
     "n_candidates": N_CANDIDATES, "n_keypoints": N_KEYPOINTS, "n_matches": N_MATCHES,
-    "scales": SCALES, "min_overlap": MIN_OVERLAP,
+    "n_preselect": N_PRESELECT, "query_scales": QUERY_SCALES,
+    "scales": SCALES, "min_overlap": MIN_OVERLAP, "n_refine": N_REFINE,
 }  # fmt: skip
 _MATCH_FIELDS = ("distance", "transform", "scale", "dy", "dx", "overlap")
 _SWAPS_AXES = {"rot90", "rot270", "transpose", "transverse"}
@@ -517,13 +640,23 @@ def verify_pairs(
     return [matches[p] for p in pairs]
 
 
+#: Arrays of an index file (:func:`_save_index`).
+_INDEX_ARRAYS = ("hashes", "keys", "owner", "pair_a", "pair_b", *_MATCH_FIELDS)
+
+
 def _load_index(path: Path | None) -> tuple[list[str], tuple, pd.DataFrame] | None:
+    """Read the stored index; ``None`` (rebuild it) when absent, unreadable or incomplete."""
     if path is None:
         return None
     hit = cache.load_arrays(path)
     if hit is None:
         return None
     arrays, _ = hit
+    missing = [name for name in _INDEX_ARRAYS if name not in arrays]
+    if missing:
+        log.warning("%s: index lacks %s (older or damaged file); rebuilding it",
+                    path, ", ".join(missing))  # fmt: skip
+        return None
     table = pd.DataFrame({"a": arrays["pair_a"], "b": arrays["pair_b"]})
     for field in _MATCH_FIELDS:
         table[field] = arrays[field]
@@ -581,14 +714,20 @@ def search_index(
     known = set(old_hashes)
     new = [n for n, h in enumerate(hashes) if h not in known]
     order = [position[h] for h in old_hashes] + new
-    new_keys, new_owner = [], []
+    new_keys, new_owner, queries, query_owner = [], [], [], []
     for n, pos in enumerate(new, start=len(old_hashes)):
         found = describe(thumbs[pos])
+        searched = np.concatenate([found, *zoomed_keys(thumbs[pos])])
         new_keys.append(found)
         new_owner.append(np.full(len(found), n, np.int64))
-    keys = np.concatenate([*old_keys, *new_keys, np.zeros((0, _KEY_DIM), np.float32)])
-    owner = np.concatenate([*old_owner, *new_owner, np.zeros(0, np.int64)])
-    pairs = earlier_candidates(keys, owner, len(old_hashes), len(order), N_CANDIDATES)
+        queries.append(searched)
+        query_owner.append(np.full(len(searched), n, np.int64))
+    empty_keys, empty_owner = np.zeros((0, _KEY_DIM), np.float32), np.zeros(0, np.int64)
+    keys = np.concatenate([*old_keys, *new_keys, empty_keys])
+    owner = np.concatenate([*old_owner, *new_owner, empty_owner])
+    pairs = earlier_candidates(keys, owner, np.concatenate([*queries, empty_keys]),
+                               np.concatenate([*query_owner, empty_owner]), len(order),
+                               N_CANDIDATES)  # fmt: skip
     log.info(
         "duplicate index: %d images known, %d new, %d candidate pairs to verify",
         len(old_hashes), len(new), len(pairs),
