@@ -274,35 +274,12 @@ def _evaluate(
     return total / len(idx), correct / len(idx)
 
 
-def train_encoder(
-    crops: np.ndarray,
-    labels: Sequence[str],
-    *,
-    arch: str,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    weights: str = "none",
-    training: str = "per_fold",
-    groups: Sequence[str] | None = None,
-    roi_ids: Sequence[str] | None = None,
-    input_size_px: int | None = None,
-    normalisation: str = "dataset",
-    weight_decay: float = 0.0,
-    val_fraction: float = 0.0,
-    patience: int = 0,
-    device: torch.device | None = None,
-    resume_dir: str | Path | None = None,
-) -> tuple[dict, pd.DataFrame]:
-    """Train an encoder on the crops it is given (select them with :func:`training_rows`).
+@dataclass(frozen=True)
+class TrainSettings:
+    """How :func:`train_encoder` trains: the network, the recipe and its schedule.
 
-    Parameters
+    Attributes
     ----------
-    crops : numpy.ndarray
-        ``(n, S, S, 3)`` uint8 training crops.
-    labels : sequence of str
-        One label per crop.
     arch, weights : str
         See :func:`leukflow.learn.models.build_encoder`; ``arch="hog"`` has nothing
         to train and returns its parameters.
@@ -315,11 +292,6 @@ def train_encoder(
         Seeds initialisation, inner split, batch order, augmentation, dropout.
     training : str
         One of :data:`TRAINING_MODES`.
-    groups : sequence of str, optional
-        Patient group per crop, for the inner validation split (default: one
-        group per crop).
-    roi_ids : sequence of str, optional
-        Recorded in the checkpoint (``train_roi_ids``, ``val_roi_ids``).
     input_size_px : int, optional
         Side the network sees (crops are resized); default the crops' side.
     normalisation : str
@@ -331,11 +303,61 @@ def train_encoder(
     patience : int
         Epochs without a lower validation loss before stopping (0: never stop);
         the weights of the best epoch are kept.
+    """
+
+    arch: str
+    epochs: int
+    batch_size: int
+    lr: float
+    seed: int
+    weights: str = "none"
+    training: str = "per_fold"
+    input_size_px: int | None = None
+    normalisation: str = "dataset"
+    weight_decay: float = 0.0
+    val_fraction: float = 0.0
+    patience: int = 0
+
+    def fingerprint_fields(self, size: int, roi_ids: list[str]) -> dict:
+        """Return what makes two trainings the same one (a resumed state must match it)."""
+        return {"arch": self.arch, "weights": self.weights, "training": self.training,
+                "size": size, "normalisation": self.normalisation, "epochs": self.epochs,
+                "batch_size": self.batch_size, "lr": self.lr, "weight_decay": self.weight_decay,
+                "seed": self.seed, "val_fraction": self.val_fraction,
+                "patience": self.patience, "ids": roi_ids}  # fmt: skip
+
+
+def train_encoder(
+    crops: np.ndarray,
+    labels: Sequence[str],
+    *,
+    groups: Sequence[str] | None = None,
+    roi_ids: Sequence[str] | None = None,
+    device: torch.device | None = None,
+    resume_dir: str | Path | None = None,
+    **settings,
+) -> tuple[dict, pd.DataFrame]:
+    """Train an encoder on the crops it is given (select them with :func:`training_rows`).
+
+    Parameters
+    ----------
+    crops : numpy.ndarray
+        ``(n, S, S, 3)`` uint8 training crops.
+    labels : sequence of str
+        One label per crop.
+    groups : sequence of str, optional
+        Patient group per crop, for the inner validation split (default: one
+        group per crop).
+    roi_ids : sequence of str, optional
+        Recorded in the checkpoint (``train_roi_ids``, ``val_roi_ids``).
     device : torch.device, optional
         Defaults to :func:`leukflow.learn.models.pick_device`.
     resume_dir : str or Path, optional
         Where the state after each epoch is kept (removed once training ends);
         a training of the same crops and settings resumes from it.
+    **settings
+        The fields of :class:`TrainSettings` (``arch``, ``epochs``, ``batch_size``,
+        ``lr`` and ``seed`` required).
 
     Returns
     -------
@@ -348,53 +370,21 @@ def train_encoder(
     history : pandas.DataFrame
         One row per epoch: :data:`HISTORY_COLUMNS`.
     """
-    _check_arguments(crops, labels, training, normalisation)
-    size = int(input_size_px or crops.shape[1])
-    check_arch(arch, size)
+    s = TrainSettings(**settings)
+    _check_arguments(crops, labels, s.training, s.normalisation)
+    size = int(s.input_size_px or crops.shape[1])
+    check_arch(s.arch, size)
     labels = [str(v) for v in labels]
     roi_ids = [str(r) for r in (roi_ids if roi_ids is not None else range(len(crops)))]
-    checkpoint = _new_checkpoint(crops, labels, roi_ids, arch=arch, size=size, weights=weights,
-                                 training=training, normalisation=normalisation)  # fmt: skip
-    if arch == "hog":  # nothing to train: the checkpoint only records the parameters
-        checkpoint["dim"] = hog_dim(size)
+    checkpoint = _new_checkpoint(crops, labels, roi_ids, arch=s.arch, size=size,
+                                 weights=s.weights, training=s.training,
+                                 normalisation=s.normalisation)  # fmt: skip
+    if s.arch == "hog" or s.training == "frozen":
+        _fill_untrained(checkpoint, seed=s.seed, device=device)
         return checkpoint, pd.DataFrame(columns=HISTORY_COLUMNS)
-    device = device or pick_device()
-    torch.manual_seed(seed)
-    classes = checkpoint["classes"]
-    model = build_encoder(arch, max(len(classes), 1), weights, input_size_px=size).to(device)
-    if training == "frozen":  # the weights as loaded
-        checkpoint["state_dict"] = _cpu_state(model)
-        return checkpoint, pd.DataFrame(columns=HISTORY_COLUMNS)
-    fit, val = inner_split(
-        labels, groups if groups is not None else roi_ids, val_fraction=val_fraction, seed=seed
-    )
-    checkpoint["train_roi_ids"] = [roi_ids[i] for i in fit]
-    checkpoint["val_roi_ids"] = [roi_ids[i] for i in val]
-    data = _Data.of(crops, labels, checkpoint, device)
-    if data.cuda:
-        model = model.to(memory_format=torch.channels_last)
-    plan = _Plan(training=training, epochs=epochs, batch_size=batch_size, lr=lr,
-                 weight_decay=weight_decay, patience=patience, n_fit=len(fit),
-                 n_classes=len(classes))  # fmt: skip
-    settings = {"arch": arch, "weights": weights, "training": training, "size": size,
-                "normalisation": normalisation, "epochs": epochs, "batch_size": batch_size,
-                "lr": lr, "weight_decay": weight_decay, "seed": seed,
-                "val_fraction": val_fraction, "patience": patience, "ids": roi_ids}  # fmt: skip
-    resume_dir = Path(resume_dir) if resume_dir is not None else None
-    fingerprint = _fingerprint(crops, labels, settings) if resume_dir else ""
-    gen = torch.Generator().manual_seed(seed)
-    progress = _resume(model, gen, resume_dir, fingerprint)
-    _run_epochs(model, data, fit, val, plan, progress, gen, desc=f"train {arch}",
-                save=_saver(resume_dir, fingerprint))  # fmt: skip
-    if progress.best is not None:
-        model.load_state_dict(progress.best)
-    checkpoint["best_epoch"] = (
-        progress.best_epoch if progress.best is not None else len(progress.history["epoch"])
-    )
-    checkpoint["state_dict"] = _cpu_state(model.to(memory_format=torch.contiguous_format))
-    if resume_dir is not None:
-        shutil.rmtree(resume_dir, ignore_errors=True)
-    return checkpoint, pd.DataFrame(progress.history, columns=HISTORY_COLUMNS)
+    history = _train_network(crops, labels, groups, roi_ids, checkpoint, s, device=device,
+                             resume_dir=resume_dir)  # fmt: skip
+    return checkpoint, history
 
 
 # ------------------------------------------------------------ training steps
@@ -659,6 +649,110 @@ def _run_epochs(
         if progress.stopped:
             log.info("early stop after epoch %d; best epoch %d", epoch + 1, progress.best_epoch)
             break
+
+
+def _initial_model(checkpoint: dict, seed: int, device: torch.device) -> Encoder:
+    """Build the encoder to train: seeded initialisation, or the weights file."""
+    torch.manual_seed(seed)
+    n_classes = max(len(checkpoint["classes"]), 1)
+    return build_encoder(
+        checkpoint["arch"], n_classes, checkpoint["weights"],
+        input_size_px=checkpoint["input_size_px"],
+    ).to(device)  # fmt: skip
+
+
+def _fill_untrained(checkpoint: dict, *, seed: int, device: torch.device | None) -> None:
+    """Complete the checkpoint of an encoder that is not trained (``hog``, ``frozen``).
+
+    HOG records only its parameters (and width); ``frozen`` keeps the weights as loaded.
+    """
+    if checkpoint["arch"] == "hog":
+        checkpoint["dim"] = hog_dim(checkpoint["input_size_px"])
+        return
+    checkpoint["state_dict"] = _cpu_state(
+        _initial_model(checkpoint, seed, device or pick_device())
+    )
+
+
+def _train_network(
+    crops: np.ndarray,
+    labels: list[str],
+    groups: Sequence[str] | None,
+    roi_ids: list[str],
+    checkpoint: dict,
+    s: TrainSettings,
+    *,
+    device: torch.device | None,
+    resume_dir: str | Path | None,
+) -> pd.DataFrame:
+    """Train the checkpoint's network on ``crops``; fill in its weights; return the history."""
+    device = device or pick_device()
+    model = _initial_model(checkpoint, s.seed, device)
+    fit, val = _split_inner(checkpoint, labels, groups, roi_ids, val_fraction=s.val_fraction,
+                            seed=s.seed)  # fmt: skip
+    plan = _Plan(training=s.training, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr,
+                 weight_decay=s.weight_decay, patience=s.patience, n_fit=len(fit),
+                 n_classes=len(checkpoint["classes"]))  # fmt: skip
+    data = _Data.of(crops, labels, checkpoint, device)
+    resume_dir = Path(resume_dir) if resume_dir is not None else None
+    settings = s.fingerprint_fields(checkpoint["input_size_px"], roi_ids)
+    fingerprint = _fingerprint(crops, labels, settings) if resume_dir else ""
+    progress = _train_resumable(model, data, fit, val, plan, seed=s.seed, resume_dir=resume_dir,
+                                fingerprint=fingerprint, desc=f"train {s.arch}")  # fmt: skip
+    _keep_best(checkpoint, model, progress)
+    if resume_dir is not None:
+        shutil.rmtree(resume_dir, ignore_errors=True)
+    return pd.DataFrame(progress.history, columns=HISTORY_COLUMNS)
+
+
+def _split_inner(
+    checkpoint: dict,
+    labels: list[str],
+    groups: Sequence[str] | None,
+    roi_ids: list[str],
+    *,
+    val_fraction: float,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split the training rows by patient group; record both parts in the checkpoint."""
+    fit, val = inner_split(
+        labels, groups if groups is not None else roi_ids, val_fraction=val_fraction, seed=seed
+    )
+    checkpoint["train_roi_ids"] = [roi_ids[i] for i in fit]
+    checkpoint["val_roi_ids"] = [roi_ids[i] for i in val]
+    return fit, val
+
+
+def _train_resumable(
+    model: Encoder,
+    data: _Data,
+    fit: np.ndarray,
+    val: np.ndarray,
+    plan: _Plan,
+    *,
+    seed: int,
+    resume_dir: Path | None,
+    fingerprint: str,
+    desc: str,
+) -> _Progress:
+    """Run the epochs from a saved state of this very training, or from the start."""
+    if data.cuda:
+        model.to(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(seed)
+    progress = _resume(model, gen, resume_dir, fingerprint)
+    _run_epochs(model, data, fit, val, plan, progress, gen, desc=desc,
+                save=_saver(resume_dir, fingerprint))  # fmt: skip
+    return progress
+
+
+def _keep_best(checkpoint: dict, model: Encoder, progress: _Progress) -> None:
+    """Put the weights of the best validation epoch (else the last) in the checkpoint."""
+    if progress.best is not None:
+        model.load_state_dict(progress.best)
+    checkpoint["best_epoch"] = (
+        progress.best_epoch if progress.best is not None else len(progress.history["epoch"])
+    )
+    checkpoint["state_dict"] = _cpu_state(model.to(memory_format=torch.contiguous_format))
 
 
 def _train_epoch(
