@@ -36,7 +36,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,7 @@ from leukflow.learn.hog import hog_dim
 from leukflow.learn.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    NORMS,
     Encoder,
     build_encoder,
     channel_stats,
@@ -62,6 +63,13 @@ from leukflow.learn.models import (
     to_unit,
 )
 from leukflow.learn.recipes import auto_optimizer_choice, s4_lr, s4_optimizer
+from leukflow.learn.stain import (
+    STAIN_METHODS,
+    fit_stain_target,
+    hed_jitter,
+    normalise_stain,
+    normalise_stain_crops,
+)
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +311,16 @@ class TrainSettings:
     patience : int
         Epochs without a lower validation loss before stopping (0: never stop);
         the weights of the best epoch are kept.
+    norm : str
+        ``batch`` (the networks as published) or ``group``: every batch norm
+        replaced by group norm (:func:`leukflow.learn.models.build_encoder`).
+    hed_jitter_scale, hed_jitter_shift : float
+        HED stain augmentation while training (:func:`leukflow.learn.stain.hed_jitter`);
+        both 0: none.
+    stain_normalisation : str
+        ``none``, ``reinhard`` or ``macenko``: every crop mapped onto a target
+        fitted on these training crops (:mod:`leukflow.learn.stain`), recorded
+        in the checkpoint and applied wherever it embeds.
     """
 
     arch: str
@@ -317,14 +335,27 @@ class TrainSettings:
     weight_decay: float = 0.0
     val_fraction: float = 0.0
     patience: int = 0
+    norm: str = "batch"
+    hed_jitter_scale: float = 0.0
+    hed_jitter_shift: float = 0.0
+    stain_normalisation: str = "none"
 
     def fingerprint_fields(self, size: int, roi_ids: list[str]) -> dict:
         """Return what makes two trainings the same one (a resumed state must match it)."""
-        return {"arch": self.arch, "weights": self.weights, "training": self.training,
+        fields = {"arch": self.arch, "weights": self.weights, "training": self.training,
                 "size": size, "normalisation": self.normalisation, "epochs": self.epochs,
                 "batch_size": self.batch_size, "lr": self.lr, "weight_decay": self.weight_decay,
                 "seed": self.seed, "val_fraction": self.val_fraction,
                 "patience": self.patience, "ids": roi_ids}  # fmt: skip
+        robust = {"norm": self.norm, "hed_jitter_scale": self.hed_jitter_scale,
+                  "hed_jitter_shift": self.hed_jitter_shift,
+                  "stain_normalisation": self.stain_normalisation}  # fmt: skip
+        # the options' defaults leave the fingerprint of older states unchanged
+        return fields | {k: v for k, v in robust.items() if v != _DEFAULT_SETTINGS[k]}
+
+
+#: The defaults of :class:`TrainSettings`' optional fields.
+_DEFAULT_SETTINGS = {f.name: f.default for f in fields(TrainSettings) if f.default is not MISSING}
 
 
 def train_encoder(
@@ -371,14 +402,12 @@ def train_encoder(
         One row per epoch: :data:`HISTORY_COLUMNS`.
     """
     s = TrainSettings(**settings)
-    _check_arguments(crops, labels, s.training, s.normalisation)
+    _check_arguments(crops, labels, s)
     size = int(s.input_size_px or crops.shape[1])
     check_arch(s.arch, size)
     labels = [str(v) for v in labels]
     roi_ids = [str(r) for r in (roi_ids if roi_ids is not None else range(len(crops)))]
-    checkpoint = _new_checkpoint(crops, labels, roi_ids, arch=s.arch, size=size,
-                                 weights=s.weights, training=s.training,
-                                 normalisation=s.normalisation)  # fmt: skip
+    checkpoint = _new_checkpoint(crops, labels, roi_ids, s, size=size)
     if s.arch == "hog" or s.training == "frozen":
         _fill_untrained(checkpoint, seed=s.seed, device=device)
         return checkpoint, pd.DataFrame(columns=HISTORY_COLUMNS)
@@ -390,37 +419,45 @@ def train_encoder(
 # ------------------------------------------------------------ training steps
 
 
-def _check_arguments(
-    crops: np.ndarray, labels: Sequence[str], training: str, normalisation: str
-) -> None:
-    """Refuse crops and labels of other lengths, and an unknown mode or normalisation."""
+def _check_arguments(crops: np.ndarray, labels: Sequence[str], s: TrainSettings) -> None:
+    """Refuse crops and labels of other lengths, unknown options, and options that cannot apply."""
     if len(crops) != len(labels):
         raise ValueError(f"train_encoder: {len(crops)} crops but {len(labels)} labels")
-    if training not in TRAINING_MODES:
-        raise ValueError(f"training: expected one of {TRAINING_MODES}; got {training!r}")
-    if normalisation not in ("dataset", "imagenet"):
-        raise ValueError(f"normalisation: expected dataset or imagenet; got {normalisation!r}")
+    if s.training not in TRAINING_MODES:
+        raise ValueError(f"training: expected one of {TRAINING_MODES}; got {s.training!r}")
+    if s.normalisation not in ("dataset", "imagenet"):
+        raise ValueError(f"normalisation: expected dataset or imagenet; got {s.normalisation!r}")
+    if s.norm not in NORMS:
+        raise ValueError(f"norm: expected one of {NORMS}; got {s.norm!r}")
+    if s.stain_normalisation not in STAIN_METHODS:
+        raise ValueError(
+            f"stain_normalisation: expected one of {STAIN_METHODS}; got {s.stain_normalisation!r}"
+        )
+    if s.stain_normalisation != "none" and (s.arch == "hog" or s.training == "frozen"):
+        # a frozen encoder serves every fold: its target would be fitted on test crops too
+        raise ValueError(
+            f"stain_normalisation {s.stain_normalisation!r} needs a network trained per fold "
+            f"or on all labels; got arch {s.arch!r}, training {s.training!r}"
+        )
 
 
 def _new_checkpoint(
-    crops: np.ndarray,
-    labels: list[str],
-    roi_ids: list[str],
-    *,
-    arch: str,
-    size: int,
-    weights: str,
-    training: str,
-    normalisation: str,
+    crops: np.ndarray, labels: list[str], roi_ids: list[str], s: TrainSettings, *, size: int
 ) -> dict:
-    """Everything a checkpoint records before training: classes, normalisation, weights."""
+    """Everything a checkpoint records before training: classes, normalisation, weights.
+
+    The stain target is fitted on ``crops`` (the training crops only), and the
+    channel statistics on the crops as the network will see them (stain-normalised).
+    """
+    arch, weights, training, normalisation = s.arch, s.weights, s.training, s.normalisation
     classes = sorted(set(labels))
     if training != "frozen" and arch != "hog" and len(classes) < 2:
         raise ValueError(
             f"train_encoder: need at least 2 classes in the training part; got {classes}"
         )
+    stain = fit_stain_target(crops, s.stain_normalisation)
     if normalisation == "dataset":
-        mean, std = channel_stats(crops)
+        mean, std = channel_stats(normalise_stain_crops(crops, stain))
     else:
         mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
     weights_path = resolve_weights(arch, weights) if arch != "hog" else None
@@ -432,6 +469,8 @@ def _new_checkpoint(
         "input_size_px": size,
         "training": training,
         "normalisation": normalisation,
+        "norm": s.norm,
+        "stain": stain,
         "weights": weights,
         "weights_sha256": sha256_file(weights_path) if weights_path else "",
         "has_head": training != "frozen" and arch != "hog",
@@ -453,10 +492,17 @@ class _Data:
     mean: list[float]
     std: list[float]
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+    stain: dict | None = None  # the checkpoint's stain normalisation target
+    jitter: tuple[float, float] = (0.0, 0.0)  # HED jitter scale and shift
 
     @classmethod
     def of(
-        cls, crops: np.ndarray, labels: list[str], checkpoint: dict, device: torch.device
+        cls,
+        crops: np.ndarray,
+        labels: list[str],
+        checkpoint: dict,
+        device: torch.device,
+        jitter: tuple[float, float] = (0.0, 0.0),
     ) -> _Data:
         """Hold the crops, and the labels as indices of the checkpoint's classes."""
         x = torch.from_numpy(np.ascontiguousarray(crops))
@@ -466,16 +512,21 @@ class _Data:
         augment = s1_augment if checkpoint["training"] == "s1" else flip_rotate
         y = torch.tensor([classes.index(v) for v in labels])
         size, mean, std = (checkpoint[k] for k in ("input_size_px", "mean", "std"))
-        return cls(x, y, device, size, mean, std, augment)
+        return cls(x, y, device, size, mean, std, augment, checkpoint["stain"], jitter)
 
     @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
 
     def prep(self, batch: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
-        """Move a batch to the device: unit range, augmented when ``gen`` is given, normalised."""
+        """Move a batch to the device: unit range, augmented when ``gen`` is given, normalised.
+
+        Stain normalisation comes first, as in :func:`leukflow.learn.embed.iter_embeddings`.
+        """
         x = to_unit(batch.to(self.device, non_blocking=True), self.size)
+        x = normalise_stain(x, self.stain)
         if gen is not None:
+            x = hed_jitter(x, gen, scale=self.jitter[0], shift=self.jitter[1])
             x = self.augment(x, gen)
         x = normalise(x, self.mean, self.std)
         return x.contiguous(memory_format=torch.channels_last) if self.cuda else x
@@ -657,7 +708,7 @@ def _initial_model(checkpoint: dict, seed: int, device: torch.device) -> Encoder
     n_classes = max(len(checkpoint["classes"]), 1)
     return build_encoder(
         checkpoint["arch"], n_classes, checkpoint["weights"],
-        input_size_px=checkpoint["input_size_px"],
+        input_size_px=checkpoint["input_size_px"], norm=checkpoint["norm"],
     ).to(device)  # fmt: skip
 
 
@@ -693,7 +744,7 @@ def _train_network(
     plan = _Plan(training=s.training, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr,
                  weight_decay=s.weight_decay, patience=s.patience, n_fit=len(fit),
                  n_classes=len(checkpoint["classes"]))  # fmt: skip
-    data = _Data.of(crops, labels, checkpoint, device)
+    data = _Data.of(crops, labels, checkpoint, device, (s.hed_jitter_scale, s.hed_jitter_shift))
     resume_dir = Path(resume_dir) if resume_dir is not None else None
     settings = s.fingerprint_fields(checkpoint["input_size_px"], roi_ids)
     fingerprint = _fingerprint(crops, labels, settings) if resume_dir else ""
