@@ -22,6 +22,7 @@ from leukflow.core.figures import subplots
 from leukflow.data.io import atomic_path
 from leukflow.evaluate.classifiers import fit_predict_folds
 from leukflow.evaluate.folds import TRAIN_ONLY
+from leukflow.evaluate.reliance import without_reliance
 from leukflow.evaluate.scoring import Evaluation, ScoringSettings, score_predictions
 
 log = logging.getLogger(__name__)
@@ -253,6 +254,7 @@ def plot_cross_matrix(
         for r in mine.itertuples():
             grid[datasets.index(r.train), datasets.index(r.test)] = getattr(r, metric)
         if within is not None and len(within):
+            within = without_reliance(within)
             diag = within[
                 (within["fold"].astype(str) == "pooled")
                 & (within["metric"] == metric)

@@ -178,6 +178,25 @@ def embed_crops(
     )
 
 
+def embed_as_trained(
+    checkpoint: dict, crops: np.ndarray, *, device: torch.device | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Embed crops as a checkpoint's encoder saw its training crops.
+
+    Its input size, stain normalisation and channel statistics; HOG for
+    ``arch: hog``. Returns the embeddings and, when the checkpoint has a
+    trained head, its softmax (else None).
+    """
+    model = None if checkpoint["arch"] == "hog" else encoder_from_checkpoint(checkpoint)
+    dim = checkpoint["dim"] if model is None else model.dim
+    return embed_crops(
+        model, crops, input_size_px=checkpoint["input_size_px"], dim=dim,
+        mean=checkpoint.get("mean", (0.0, 0.0, 0.0)), std=checkpoint.get("std", (1.0, 1.0, 1.0)),
+        stain=checkpoint.get("stain"), device=device,
+        with_probs=bool(checkpoint["has_head"]) and model is not None,
+    )  # fmt: skip
+
+
 def store_attrs(checkpoint: dict, *, leukflow_version: str) -> dict:
     """Group attributes of an embedding store, from one of its checkpoints."""
     return {
