@@ -494,6 +494,13 @@ class _Data:
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor]
     stain: dict | None = None  # the checkpoint's stain normalisation target
     jitter: tuple[float, float] = (0.0, 0.0)  # HED jitter scale and shift
+    # bf16 autocast and channels-last memory: on a GPU (None), or as a benchmark sets them
+    bf16: bool | None = None
+    channels_last: bool | None = None
+
+    def __post_init__(self) -> None:
+        self.bf16 = self.cuda if self.bf16 is None else self.bf16
+        self.channels_last = self.cuda if self.channels_last is None else self.channels_last
 
     @classmethod
     def of(
@@ -529,7 +536,7 @@ class _Data:
             x = hed_jitter(x, gen, scale=self.jitter[0], shift=self.jitter[1])
             x = self.augment(x, gen)
         x = normalise(x, self.mean, self.std)
-        return x.contiguous(memory_format=torch.channels_last) if self.cuda else x
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 @dataclass(frozen=True)
@@ -787,7 +794,7 @@ def _train_resumable(
     desc: str,
 ) -> _Progress:
     """Run the epochs from a saved state of this very training, or from the start."""
-    if data.cuda:
+    if data.channels_last:
         model.to(memory_format=torch.channels_last)
     gen = torch.Generator().manual_seed(seed)
     progress = _resume(model, gen, resume_dir, fingerprint)
@@ -837,7 +844,7 @@ def _train_epoch(
         x = data.prep(data.x[idx], gen)
         y = data.y[idx].to(data.device)
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(data.device.type, dtype=torch.bfloat16, enabled=data.cuda):
+        with torch.autocast(data.device.type, dtype=torch.bfloat16, enabled=data.bf16):
             logits = model(x)
             loss = loss_fn(logits.float(), y)
         loss.backward()
