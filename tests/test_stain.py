@@ -237,3 +237,18 @@ def test_group_norm_checkpoint_rebuilds_its_network():
     assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
     with pytest.raises(ValueError, match="norm must be one of"):
         build_encoder("small_cnn", 2, input_size_px=32, norm="layer")
+
+
+@pytest.mark.e2e
+def test_e2e_checkpoint_records_the_colour_options_that_predict_applies(kinds_run):
+    """kinds_run's ``small`` encoder trains with group norm, HED jitter and Reinhard.
+
+    test_deploy_kinds checks that predict reproduces its calls; here, that the
+    checkpoint carries the target fitted on the training crops.
+    """
+    _, out = kinds_run
+    ck = torch.load(out / "train" / "demo" / "small" / "fold_0.pt", weights_only=True)
+    assert ck["norm"] == "group"
+    assert ck["stain"]["method"] == "reinhard"
+    assert len(ck["stain"]["mean"]) == 3
+    assert not any(k.endswith("running_mean") for k in ck["state_dict"])

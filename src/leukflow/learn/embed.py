@@ -191,8 +191,8 @@ def embed_as_trained(
     dim = checkpoint["dim"] if model is None else model.dim
     return embed_crops(
         model, crops, input_size_px=checkpoint["input_size_px"], dim=dim,
-        mean=checkpoint.get("mean", (0.0, 0.0, 0.0)), std=checkpoint.get("std", (1.0, 1.0, 1.0)),
-        stain=checkpoint.get("stain"), device=device,
+        mean=checkpoint["mean"], std=checkpoint["std"], device=device,
+        stain=checkpoint.get("stain"),  # absent from checkpoints before stain normalisation
         with_probs=bool(checkpoint["has_head"]) and model is not None,
     )  # fmt: skip
 
