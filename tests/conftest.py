@@ -61,6 +61,7 @@ def e2e_run(tmp_path_factory):
         "folds": {"k": 3},
         "encoders": {"resnet18": {"epochs": 2, "batch_size": 16}},
         "classifiers": {"random_forest": {"n_estimators": 50}, "knn": {"n_neighbors": 3}},
+        "evaluation": {"reliance_test": True},  # the reliance_* rows of metrics.csv
     }
     (work / "my.yaml").write_text(yaml.safe_dump(config))
     return run_workflow(work)
@@ -81,7 +82,15 @@ KINDS_CONFIG = {
     "segmentation": {"roi_size_px": 32},
     "folds": {"holdout_fraction": 0.34},
     "encoders": {
-        "small": {"arch": "small_cnn", "epochs": 1, "batch_size": 16},
+        # colour robustness options: predict must apply the stain target it recorded
+        "small": {
+            "arch": "small_cnn",
+            "epochs": 1,
+            "batch_size": 16,
+            "norm": "group",
+            "stain_normalisation": "reinhard",
+            "hed_jitter_scale": 0.05,
+        },
         "shared": {"arch": "small_cnn", "training": "all_labels", "epochs": 1, "batch_size": 16},
         "frozen": {"arch": "small_cnn", "training": "frozen"},
         "hog": {"arch": "hog", "training": "frozen"},

@@ -28,7 +28,9 @@ def _metrics(args: argparse.Namespace) -> int:
     import pandas as pd
 
     path = f"{args.results_dir}/metrics.csv"
-    metrics = pd.read_csv(path, dtype={"fold": str})
+    from leukflow.evaluate.reliance import without_reliance
+
+    metrics = without_reliance(pd.read_csv(path, dtype={"fold": str}))
     keys = ["dataset", "encoder", "classifier", "level"]
     cols = ["accuracy", "sensitivity", "specificity", "f1", "roc_auc"]
     mean = metrics[metrics["fold"] == "mean"].set_index(keys)[cols]

@@ -73,6 +73,11 @@ class ModelFiles:
     store: str
 
 
+def _applies(option: bool | str, fmt: str) -> bool:
+    """Whether an ``auto | true | false`` evaluation option covers a dataset of format ``fmt``."""
+    return option is True or (option == "auto" and fmt in SINGLE_CELL_FORMATS)
+
+
 @dataclass(frozen=True)
 class RunPlan:
     """What a run makes, worked out from its validated config (see the module docstring).
@@ -91,6 +96,8 @@ class RunPlan:
     ensembles: dict[str, dict[str, Any]]
     cross_pairs: tuple[tuple[str, str], ...]
     qa_methods: tuple[str, ...]
+    #: Configured datasets whose models get the background reliance test.
+    reliance: tuple[str, ...] = ()
 
     # ------------------------------------------------------------ building
 
@@ -145,6 +152,7 @@ class RunPlan:
             )
         folds = config["folds"]
         segmentation = config["segmentation"]
+        reliance_on = config["evaluation"]["reliance_test"]
         plan = cls(
             results_dir=str(config["results_dir"] if results_dir is None else results_dir),
             datasets=datasets,
@@ -160,6 +168,7 @@ class RunPlan:
             ),
             # the run's method first, then the further methods QA scores
             qa_methods=tuple(dict.fromkeys([segmentation["method"], *config["qa"]["methods"]])),
+            reliance=tuple(n for n, d in configured.items() if _applies(reliance_on, d["format"])),
         )
         plan._check()
         return plan
@@ -403,6 +412,11 @@ class RunPlan:
              classifier: str = "{classifier}") -> str:  # fmt: skip
         """Return ``plots/<dataset>/<encoder>/<classifier>_<kind>.png``."""
         return self.result(f"plots/{dataset}/{encoder}/{classifier}_{kind}.png")
+
+    def reliance_files(self) -> list[str]:
+        """Reliance test tables: each reliance dataset x encoder that a classifier scores."""
+        return [self.fitted_file("reliance_metrics.csv", d, e) for d in self.reliance
+                for e in self.encoders if self.fitted or e in self.softmax_encoders]  # fmt: skip
 
     def evaluations(self, name: str) -> list[str]:
         """File ``name`` of every evaluation: fitted classifiers, heads, ensembles."""

@@ -135,10 +135,39 @@ rule vote_ensemble:
         "../scripts/vote_ensemble.py"
 
 
+rule reliance_test:
+    input:
+        checkpoints=lambda wc: PLAN.checkpoints(wc.dataset, wc.encoder),
+        crops=PLAN.segment_file("crops.zarr"),
+        ids=PLAN.embedding_ids(),
+        store=PLAN.embeddings(),
+        folds=result("folds.csv"),
+        models=[
+            PLAN.model(classifier=c, fold=k) for c in PLAN.fitted for k in PLAN.folds
+        ],
+    output:
+        metrics=PLAN.fitted_file("reliance_metrics.csv"),
+    log:
+        logfile("evaluate/{dataset}/{encoder}_reliance.log"),
+    benchmark:
+        benchfile("evaluate/{dataset}/{encoder}_reliance.tsv")
+    conda:
+        "../../envs/leukflow.yaml"
+    threads: 2
+    params:
+        **EVALUATION_PARAMS,
+        classifiers=list(PLAN.fitted),
+        head=lambda wc: wc.encoder in PLAN.softmax_encoders,
+        seed=0,
+    script:
+        "../scripts/reliance_test.py"
+
+
 rule summarise_metrics:
     input:
         metrics=PLAN.evaluations("metrics.csv"),
         metrics_per_class=PLAN.evaluations("metrics_per_class.csv"),
+        reliance=PLAN.reliance_files(),
     output:
         metrics=report(
             result("metrics.csv"),

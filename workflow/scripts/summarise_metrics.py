@@ -12,5 +12,10 @@ for name in ("metrics", "metrics_per_class"):
     # which shortcut control a row is (none: the dataset's own crops)
     control = {name: kind for name, (_, kind) in snakemake.params.controls.items()}
     table.insert(1, "control", table["dataset"].map(control).fillna("none"))
+    if name == "metrics" and snakemake.input.reliance:
+        # the reliance test's rows: the dataset's own models on altered test crops
+        reliance = pd.concat([read_table(path) for path in snakemake.input.reliance])
+        reliance.insert(1, "control", "reliance_" + reliance.pop("reliance"))
+        table = pd.concat([table, reliance[table.columns]], ignore_index=True)
     write_table(table, snakemake.output[name])
     log.info("%d rows from %d tables -> %s", len(table), len(paths), snakemake.output[name])

@@ -34,6 +34,10 @@ checkpoint, history = train_fold(
     weight_decay=enc["weight_decay"],
     val_fraction=enc["val_fraction"],
     patience=enc["patience"],
+    norm=enc["norm"],
+    hed_jitter_scale=enc["hed_jitter_scale"],
+    hed_jitter_shift=enc["hed_jitter_shift"],
+    stain_normalisation=enc["stain_normalisation"],
     seed=enc["seed"],
     resume_dir=snakemake.params.resume_dir,
 )

@@ -85,6 +85,7 @@ def _describe(error: jsonschema.ValidationError) -> tuple[list[Any], str]:
         "pattern": lambda: f"a string matching {schema.get('pattern')}",
         "minProperties": lambda: f"at least {schema.get('minProperties')} entry",
         "minLength": lambda: "a non-empty string",
+        "not": lambda: schema.get("description", error.message).strip(),
     }.get(error.validator, lambda: error.message)()
     return parts, f"expected {expected}; got {error.instance!r}"
 

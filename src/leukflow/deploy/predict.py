@@ -248,6 +248,7 @@ def _fold_encoder(
         return embed_crops(
             model, crops, input_size_px=meta["input_size_px"], dim=dim,
             mean=meta["mean"], std=meta["std"], device=device, with_probs=with_probs,
+            stain=meta.get("stain"),  # absent from checkpoints before stain normalisation
         )  # fmt: skip
 
     def embed(crops: np.ndarray) -> np.ndarray:

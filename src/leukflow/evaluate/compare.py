@@ -20,6 +20,7 @@ import pandas as pd
 
 from leukflow.core.figures import subplots
 from leukflow.data.io import atomic_path
+from leukflow.evaluate.reliance import without_reliance
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ COLUMNS = [
 
 def _pooled(metrics: pd.DataFrame) -> pd.DataFrame:
     """Pooled rows, one per dataset, encoder, classifier, level and metric: value, CI, leaky."""
+    metrics = without_reliance(metrics)
     pooled = metrics[metrics["fold"].astype(str) == "pooled"].copy()
     pooled["value"] = [row[m] for m, (_, row) in zip(pooled["metric"], pooled.iterrows(),
                                                      strict=True)]  # fmt: skip

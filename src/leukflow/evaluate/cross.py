@@ -22,6 +22,7 @@ from leukflow.core.figures import subplots
 from leukflow.data.io import atomic_path
 from leukflow.evaluate.classifiers import fit_predict_folds
 from leukflow.evaluate.folds import TRAIN_ONLY
+from leukflow.evaluate.reliance import without_reliance
 from leukflow.evaluate.scoring import (
     Evaluation,
     ScoringSettings,
@@ -275,6 +276,7 @@ def plot_cross_matrix(
                 r, "coverage", np.nan
             )
         if within is not None and len(within):
+            within = without_reliance(within)
             diag = within[
                 (within["fold"].astype(str) == "pooled")
                 & (within["metric"] == metric)

@@ -29,6 +29,7 @@ from leukflow.learn.models import (
     pick_device,
     to_unit,
 )
+from leukflow.learn.stain import normalise_stain
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def iter_embeddings(
     num_workers: int = 0,
     device: torch.device | None = None,
     with_probs: bool = False,
+    stain: dict | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """Yield ``(embeddings, probabilities)`` for consecutive blocks of crops.
 
@@ -97,6 +99,9 @@ def iter_embeddings(
         Defaults to :func:`~leukflow.learn.models.pick_device`.
     with_probs : bool
         Also return the head's softmax probabilities.
+    stain : dict, optional
+        The checkpoint's stain normalisation target (``checkpoint["stain"]``),
+        applied before ``mean`` and ``std`` as in training; None: none.
 
     Yields
     ------
@@ -131,8 +136,8 @@ def iter_embeddings(
             torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda),
         ):
             for block in loader:
-                x = normalise(to_unit(block.to(device, non_blocking=True), input_size_px),
-                              mean, std)  # fmt: skip
+                x = to_unit(block.to(device, non_blocking=True), input_size_px)
+                x = normalise(normalise_stain(x, stain), mean, std)
                 if cuda:
                     x = x.contiguous(memory_format=torch.channels_last)
                 features, logits = model.embed(x)
@@ -171,6 +176,25 @@ def embed_crops(
         np.concatenate(embs),
         np.concatenate(probs) if probs[0] is not None else None,
     )
+
+
+def embed_as_trained(
+    checkpoint: dict, crops: np.ndarray, *, device: torch.device | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Embed crops as a checkpoint's encoder saw its training crops.
+
+    Its input size, stain normalisation and channel statistics; HOG for
+    ``arch: hog``. Returns the embeddings and, when the checkpoint has a
+    trained head, its softmax (else None).
+    """
+    model = None if checkpoint["arch"] == "hog" else encoder_from_checkpoint(checkpoint)
+    dim = checkpoint["dim"] if model is None else model.dim
+    return embed_crops(
+        model, crops, input_size_px=checkpoint["input_size_px"], dim=dim,
+        mean=checkpoint["mean"], std=checkpoint["std"], device=device,
+        stain=checkpoint.get("stain"),  # absent from checkpoints before stain normalisation
+        with_probs=bool(checkpoint["has_head"]) and model is not None,
+    )  # fmt: skip
 
 
 def store_attrs(checkpoint: dict, *, leukflow_version: str) -> dict:
@@ -333,6 +357,7 @@ def embed_rois(
             dim = ckpt["dim"] if model is None else model.dim
             emb, probs = _add_arrays(writer, name, ckpt, sha, dim)
             seen_as = {key: ckpt[key] for key in ("input_size_px", "mean", "std")}
+            seen_as["stain"] = ckpt.get("stain")  # absent from checkpoints before the option
             if ckpt["training"] == "frozen" and cache_dir and roi_keys is not None:
                 array = zarr.open_array(str(crops), mode="r") if isinstance(
                     crops, str | Path) else crops  # fmt: skip
@@ -344,14 +369,9 @@ def embed_rois(
                 log.info("%s: embedded every ROI, %d-d", name, dim)
                 continue
             for e, p in iter_embeddings(
-                model,
-                crops,
-                **seen_as,
-                batch_size=batch_size,
-                num_workers=num_workers,
-                device=device,
-                with_probs=probs is not None,
-            ):
+                model, crops, **seen_as, batch_size=batch_size, num_workers=num_workers,
+                device=device, with_probs=probs is not None,
+            ):  # fmt: skip
                 emb.append(e)
                 if probs is not None:
                     probs.append(p)

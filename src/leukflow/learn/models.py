@@ -16,6 +16,7 @@ hub cache when it is there. Nothing is ever downloaded, and files are read with
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 import re
 from collections.abc import Callable, Sequence
@@ -109,6 +110,10 @@ ARCHITECTURES: dict[str, Arch] = {
 
 #: Every value ``arch`` takes: the networks above and the HOG feature extractor.
 KNOWN_ARCHS = (*ARCHITECTURES, "hog")
+
+#: Normalisation layers of the networks: as published, or group norm in place of batch norm.
+NORMS = ("batch", "group")
+GROUP_NORM_GROUPS = 32
 
 
 class Encoder(nn.Module):
@@ -245,8 +250,33 @@ def _set_submodule(net: nn.Module, name: str, module: nn.Module) -> None:
     setattr(net.get_submodule(parent) if parent else net, leaf, module)
 
 
+def use_group_norm(net: nn.Module) -> int:
+    """Replace every ``BatchNorm2d`` of ``net`` by a ``GroupNorm`` of the same width, in place.
+
+    Group norm (Wu and He 2018) normalises each image by itself, so a batch of
+    one site's cells does not set the statistics another site's cells are
+    scaled by, and small batches train as large ones. Each layer gets
+    ``gcd(32, channels)`` groups, its affine weights start at 1 and 0.
+
+    Returns
+    -------
+    int
+        How many layers were replaced.
+    """
+    names = [n for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    for name in names:
+        bn = net.get_submodule(name)
+        groups = math.gcd(GROUP_NORM_GROUPS, bn.num_features)
+        _set_submodule(net, name, nn.GroupNorm(groups, bn.num_features, eps=bn.eps))
+    return len(names)
+
+
 def build_encoder(
-    arch: str, n_classes: int, weights: str = "none", input_size_px: int = 64
+    arch: str,
+    n_classes: int,
+    weights: str = "none",
+    input_size_px: int = 64,
+    norm: str = "batch",
 ) -> Encoder:
     """Build an :class:`Encoder`, from scratch or from a weights file.
 
@@ -260,13 +290,20 @@ def build_encoder(
         ``"none"``, ``"torchvision"`` or a state-dict path (see :func:`resolve_weights`).
     input_size_px : int
         Side of the inputs (S2's small CNN sizes its dense layer by it).
+    norm : str
+        ``batch`` (as published) or ``group`` (:func:`use_group_norm`, before
+        the weights load: a file must then come from a group-norm encoder).
     """
     check_arch(arch, input_size_px)
+    if norm not in NORMS:
+        raise ValueError(f"build_encoder: norm must be one of {NORMS}; got {norm!r}")
     if arch not in ARCHITECTURES:
         raise ValueError(f"build_encoder: {arch} is not a network (see leukflow.learn.hog)")
     spec = ARCHITECTURES[arch]
     path = resolve_weights(arch, weights)
     net = spec.factory(input_size_px, path is not None)
+    if norm == "group":
+        use_group_norm(net)
     if path is not None:
         load_weights(net, arch, path)
         log.info("initialised %s from %s", arch, path)
@@ -372,8 +409,10 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def encoder_from_checkpoint(checkpoint: dict) -> Encoder:
     """Rebuild the eval-mode :class:`Encoder` a checkpoint holds."""
+    # checkpoints written before the norm option hold batch-norm networks
     model = build_encoder(
-        checkpoint["arch"], len(checkpoint["classes"]), input_size_px=checkpoint["input_size_px"]
-    )
+        checkpoint["arch"], len(checkpoint["classes"]),
+        input_size_px=checkpoint["input_size_px"], norm=checkpoint.get("norm", "batch"),
+    )  # fmt: skip
     model.load_state_dict(checkpoint["state_dict"])
     return model.eval()

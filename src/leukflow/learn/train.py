@@ -36,7 +36,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,7 @@ from leukflow.learn.hog import hog_dim
 from leukflow.learn.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    NORMS,
     Encoder,
     build_encoder,
     channel_stats,
@@ -62,6 +63,13 @@ from leukflow.learn.models import (
     to_unit,
 )
 from leukflow.learn.recipes import auto_optimizer_choice, s4_lr, s4_optimizer
+from leukflow.learn.stain import (
+    STAIN_METHODS,
+    fit_stain_target,
+    hed_jitter,
+    normalise_stain,
+    normalise_stain_crops,
+)
 
 log = logging.getLogger(__name__)
 
@@ -274,35 +282,12 @@ def _evaluate(
     return total / len(idx), correct / len(idx)
 
 
-def train_encoder(
-    crops: np.ndarray,
-    labels: Sequence[str],
-    *,
-    arch: str,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    weights: str = "none",
-    training: str = "per_fold",
-    groups: Sequence[str] | None = None,
-    roi_ids: Sequence[str] | None = None,
-    input_size_px: int | None = None,
-    normalisation: str = "dataset",
-    weight_decay: float = 0.0,
-    val_fraction: float = 0.0,
-    patience: int = 0,
-    device: torch.device | None = None,
-    resume_dir: str | Path | None = None,
-) -> tuple[dict, pd.DataFrame]:
-    """Train an encoder on the crops it is given (select them with :func:`training_rows`).
+@dataclass(frozen=True)
+class TrainSettings:
+    """How :func:`train_encoder` trains: the network, the recipe and its schedule.
 
-    Parameters
+    Attributes
     ----------
-    crops : numpy.ndarray
-        ``(n, S, S, 3)`` uint8 training crops.
-    labels : sequence of str
-        One label per crop.
     arch, weights : str
         See :func:`leukflow.learn.models.build_encoder`; ``arch="hog"`` has nothing
         to train and returns its parameters.
@@ -315,11 +300,6 @@ def train_encoder(
         Seeds initialisation, inner split, batch order, augmentation, dropout.
     training : str
         One of :data:`TRAINING_MODES`.
-    groups : sequence of str, optional
-        Patient group per crop, for the inner validation split (default: one
-        group per crop).
-    roi_ids : sequence of str, optional
-        Recorded in the checkpoint (``train_roi_ids``, ``val_roi_ids``).
     input_size_px : int, optional
         Side the network sees (crops are resized); default the crops' side.
     normalisation : str
@@ -331,11 +311,84 @@ def train_encoder(
     patience : int
         Epochs without a lower validation loss before stopping (0: never stop);
         the weights of the best epoch are kept.
+    norm : str
+        ``batch`` (the networks as published) or ``group``: every batch norm
+        replaced by group norm (:func:`leukflow.learn.models.build_encoder`).
+    hed_jitter_scale, hed_jitter_shift : float
+        HED stain augmentation while training (:func:`leukflow.learn.stain.hed_jitter`);
+        both 0: none.
+    stain_normalisation : str
+        ``none``, ``reinhard`` or ``macenko``: every crop mapped onto a target
+        fitted on these training crops (:mod:`leukflow.learn.stain`), recorded
+        in the checkpoint and applied wherever it embeds.
+    """
+
+    arch: str
+    epochs: int
+    batch_size: int
+    lr: float
+    seed: int
+    weights: str = "none"
+    training: str = "per_fold"
+    input_size_px: int | None = None
+    normalisation: str = "dataset"
+    weight_decay: float = 0.0
+    val_fraction: float = 0.0
+    patience: int = 0
+    norm: str = "batch"
+    hed_jitter_scale: float = 0.0
+    hed_jitter_shift: float = 0.0
+    stain_normalisation: str = "none"
+
+    def fingerprint_fields(self, size: int, roi_ids: list[str]) -> dict:
+        """Return what makes two trainings the same one (a resumed state must match it)."""
+        fields = {"arch": self.arch, "weights": self.weights, "training": self.training,
+                "size": size, "normalisation": self.normalisation, "epochs": self.epochs,
+                "batch_size": self.batch_size, "lr": self.lr, "weight_decay": self.weight_decay,
+                "seed": self.seed, "val_fraction": self.val_fraction,
+                "patience": self.patience, "ids": roi_ids}  # fmt: skip
+        robust = {"norm": self.norm, "hed_jitter_scale": self.hed_jitter_scale,
+                  "hed_jitter_shift": self.hed_jitter_shift,
+                  "stain_normalisation": self.stain_normalisation}  # fmt: skip
+        # the options' defaults leave the fingerprint of older states unchanged
+        return fields | {k: v for k, v in robust.items() if v != _DEFAULT_SETTINGS[k]}
+
+
+#: The defaults of :class:`TrainSettings`' optional fields.
+_DEFAULT_SETTINGS = {f.name: f.default for f in fields(TrainSettings) if f.default is not MISSING}
+
+
+def train_encoder(
+    crops: np.ndarray,
+    labels: Sequence[str],
+    *,
+    groups: Sequence[str] | None = None,
+    roi_ids: Sequence[str] | None = None,
+    device: torch.device | None = None,
+    resume_dir: str | Path | None = None,
+    **settings,
+) -> tuple[dict, pd.DataFrame]:
+    """Train an encoder on the crops it is given (select them with :func:`training_rows`).
+
+    Parameters
+    ----------
+    crops : numpy.ndarray
+        ``(n, S, S, 3)`` uint8 training crops.
+    labels : sequence of str
+        One label per crop.
+    groups : sequence of str, optional
+        Patient group per crop, for the inner validation split (default: one
+        group per crop).
+    roi_ids : sequence of str, optional
+        Recorded in the checkpoint (``train_roi_ids``, ``val_roi_ids``).
     device : torch.device, optional
         Defaults to :func:`leukflow.learn.models.pick_device`.
     resume_dir : str or Path, optional
         Where the state after each epoch is kept (removed once training ends);
         a training of the same crops and settings resumes from it.
+    **settings
+        The fields of :class:`TrainSettings` (``arch``, ``epochs``, ``batch_size``,
+        ``lr`` and ``seed`` required).
 
     Returns
     -------
@@ -348,89 +401,63 @@ def train_encoder(
     history : pandas.DataFrame
         One row per epoch: :data:`HISTORY_COLUMNS`.
     """
-    _check_arguments(crops, labels, training, normalisation)
-    size = int(input_size_px or crops.shape[1])
-    check_arch(arch, size)
+    s = TrainSettings(**settings)
+    _check_arguments(crops, labels, s)
+    size = int(s.input_size_px or crops.shape[1])
+    check_arch(s.arch, size)
     labels = [str(v) for v in labels]
     roi_ids = [str(r) for r in (roi_ids if roi_ids is not None else range(len(crops)))]
-    checkpoint = _new_checkpoint(crops, labels, roi_ids, arch=arch, size=size, weights=weights,
-                                 training=training, normalisation=normalisation)  # fmt: skip
-    if arch == "hog":  # nothing to train: the checkpoint only records the parameters
-        checkpoint["dim"] = hog_dim(size)
+    checkpoint = _new_checkpoint(crops, labels, roi_ids, s, size=size)
+    if s.arch == "hog" or s.training == "frozen":
+        _fill_untrained(checkpoint, seed=s.seed, device=device)
         return checkpoint, pd.DataFrame(columns=HISTORY_COLUMNS)
-    device = device or pick_device()
-    torch.manual_seed(seed)
-    classes = checkpoint["classes"]
-    model = build_encoder(arch, max(len(classes), 1), weights, input_size_px=size).to(device)
-    if training == "frozen":  # the weights as loaded
-        checkpoint["state_dict"] = _cpu_state(model)
-        return checkpoint, pd.DataFrame(columns=HISTORY_COLUMNS)
-    fit, val = inner_split(
-        labels, groups if groups is not None else roi_ids, val_fraction=val_fraction, seed=seed
-    )
-    checkpoint["train_roi_ids"] = [roi_ids[i] for i in fit]
-    checkpoint["val_roi_ids"] = [roi_ids[i] for i in val]
-    data = _Data.of(crops, labels, checkpoint, device)
-    if data.cuda:
-        model = model.to(memory_format=torch.channels_last)
-    plan = _Plan(training=training, epochs=epochs, batch_size=batch_size, lr=lr,
-                 weight_decay=weight_decay, patience=patience, n_fit=len(fit),
-                 n_classes=len(classes))  # fmt: skip
-    settings = {"arch": arch, "weights": weights, "training": training, "size": size,
-                "normalisation": normalisation, "epochs": epochs, "batch_size": batch_size,
-                "lr": lr, "weight_decay": weight_decay, "seed": seed,
-                "val_fraction": val_fraction, "patience": patience, "ids": roi_ids}  # fmt: skip
-    resume_dir = Path(resume_dir) if resume_dir is not None else None
-    fingerprint = _fingerprint(crops, labels, settings) if resume_dir else ""
-    gen = torch.Generator().manual_seed(seed)
-    progress = _resume(model, gen, resume_dir, fingerprint)
-    _run_epochs(model, data, fit, val, plan, progress, gen, desc=f"train {arch}",
-                save=_saver(resume_dir, fingerprint))  # fmt: skip
-    if progress.best is not None:
-        model.load_state_dict(progress.best)
-    checkpoint["best_epoch"] = (
-        progress.best_epoch if progress.best is not None else len(progress.history["epoch"])
-    )
-    checkpoint["state_dict"] = _cpu_state(model.to(memory_format=torch.contiguous_format))
-    if resume_dir is not None:
-        shutil.rmtree(resume_dir, ignore_errors=True)
-    return checkpoint, pd.DataFrame(progress.history, columns=HISTORY_COLUMNS)
+    history = _train_network(crops, labels, groups, roi_ids, checkpoint, s, device=device,
+                             resume_dir=resume_dir)  # fmt: skip
+    return checkpoint, history
 
 
 # ------------------------------------------------------------ training steps
 
 
-def _check_arguments(
-    crops: np.ndarray, labels: Sequence[str], training: str, normalisation: str
-) -> None:
-    """Refuse crops and labels of other lengths, and an unknown mode or normalisation."""
+def _check_arguments(crops: np.ndarray, labels: Sequence[str], s: TrainSettings) -> None:
+    """Refuse crops and labels of other lengths, unknown options, and options that cannot apply."""
     if len(crops) != len(labels):
         raise ValueError(f"train_encoder: {len(crops)} crops but {len(labels)} labels")
-    if training not in TRAINING_MODES:
-        raise ValueError(f"training: expected one of {TRAINING_MODES}; got {training!r}")
-    if normalisation not in ("dataset", "imagenet"):
-        raise ValueError(f"normalisation: expected dataset or imagenet; got {normalisation!r}")
+    if s.training not in TRAINING_MODES:
+        raise ValueError(f"training: expected one of {TRAINING_MODES}; got {s.training!r}")
+    if s.normalisation not in ("dataset", "imagenet"):
+        raise ValueError(f"normalisation: expected dataset or imagenet; got {s.normalisation!r}")
+    if s.norm not in NORMS:
+        raise ValueError(f"norm: expected one of {NORMS}; got {s.norm!r}")
+    if s.stain_normalisation not in STAIN_METHODS:
+        raise ValueError(
+            f"stain_normalisation: expected one of {STAIN_METHODS}; got {s.stain_normalisation!r}"
+        )
+    if s.stain_normalisation != "none" and (s.arch == "hog" or s.training == "frozen"):
+        # a frozen encoder serves every fold: its target would be fitted on test crops too
+        raise ValueError(
+            f"stain_normalisation {s.stain_normalisation!r} needs a network trained per fold "
+            f"or on all labels; got arch {s.arch!r}, training {s.training!r}"
+        )
 
 
 def _new_checkpoint(
-    crops: np.ndarray,
-    labels: list[str],
-    roi_ids: list[str],
-    *,
-    arch: str,
-    size: int,
-    weights: str,
-    training: str,
-    normalisation: str,
+    crops: np.ndarray, labels: list[str], roi_ids: list[str], s: TrainSettings, *, size: int
 ) -> dict:
-    """Everything a checkpoint records before training: classes, normalisation, weights."""
+    """Everything a checkpoint records before training: classes, normalisation, weights.
+
+    The stain target is fitted on ``crops`` (the training crops only), and the
+    channel statistics on the crops as the network will see them (stain-normalised).
+    """
+    arch, weights, training, normalisation = s.arch, s.weights, s.training, s.normalisation
     classes = sorted(set(labels))
     if training != "frozen" and arch != "hog" and len(classes) < 2:
         raise ValueError(
             f"train_encoder: need at least 2 classes in the training part; got {classes}"
         )
+    stain = fit_stain_target(crops, s.stain_normalisation)
     if normalisation == "dataset":
-        mean, std = channel_stats(crops)
+        mean, std = channel_stats(normalise_stain_crops(crops, stain))
     else:
         mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
     weights_path = resolve_weights(arch, weights) if arch != "hog" else None
@@ -442,6 +469,8 @@ def _new_checkpoint(
         "input_size_px": size,
         "training": training,
         "normalisation": normalisation,
+        "norm": s.norm,
+        "stain": stain,
         "weights": weights,
         "weights_sha256": sha256_file(weights_path) if weights_path else "",
         "has_head": training != "frozen" and arch != "hog",
@@ -463,10 +492,24 @@ class _Data:
     mean: list[float]
     std: list[float]
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+    stain: dict | None = None  # the checkpoint's stain normalisation target
+    jitter: tuple[float, float] = (0.0, 0.0)  # HED jitter scale and shift
+    # bf16 autocast and channels-last memory: on a GPU (None), or as a benchmark sets them
+    bf16: bool | None = None
+    channels_last: bool | None = None
+
+    def __post_init__(self) -> None:
+        self.bf16 = self.cuda if self.bf16 is None else self.bf16
+        self.channels_last = self.cuda if self.channels_last is None else self.channels_last
 
     @classmethod
     def of(
-        cls, crops: np.ndarray, labels: list[str], checkpoint: dict, device: torch.device
+        cls,
+        crops: np.ndarray,
+        labels: list[str],
+        checkpoint: dict,
+        device: torch.device,
+        jitter: tuple[float, float] = (0.0, 0.0),
     ) -> _Data:
         """Hold the crops, and the labels as indices of the checkpoint's classes."""
         x = torch.from_numpy(np.ascontiguousarray(crops))
@@ -476,19 +519,24 @@ class _Data:
         augment = s1_augment if checkpoint["training"] == "s1" else flip_rotate
         y = torch.tensor([classes.index(v) for v in labels])
         size, mean, std = (checkpoint[k] for k in ("input_size_px", "mean", "std"))
-        return cls(x, y, device, size, mean, std, augment)
+        return cls(x, y, device, size, mean, std, augment, checkpoint["stain"], jitter)
 
     @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
 
     def prep(self, batch: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
-        """Move a batch to the device: unit range, augmented when ``gen`` is given, normalised."""
+        """Move a batch to the device: unit range, augmented when ``gen`` is given, normalised.
+
+        Stain normalisation comes first, as in :func:`leukflow.learn.embed.iter_embeddings`.
+        """
         x = to_unit(batch.to(self.device, non_blocking=True), self.size)
+        x = normalise_stain(x, self.stain)
         if gen is not None:
+            x = hed_jitter(x, gen, scale=self.jitter[0], shift=self.jitter[1])
             x = self.augment(x, gen)
         x = normalise(x, self.mean, self.std)
-        return x.contiguous(memory_format=torch.channels_last) if self.cuda else x
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 @dataclass(frozen=True)
@@ -661,6 +709,110 @@ def _run_epochs(
             break
 
 
+def _initial_model(checkpoint: dict, seed: int, device: torch.device) -> Encoder:
+    """Build the encoder to train: seeded initialisation, or the weights file."""
+    torch.manual_seed(seed)
+    n_classes = max(len(checkpoint["classes"]), 1)
+    return build_encoder(
+        checkpoint["arch"], n_classes, checkpoint["weights"],
+        input_size_px=checkpoint["input_size_px"], norm=checkpoint["norm"],
+    ).to(device)  # fmt: skip
+
+
+def _fill_untrained(checkpoint: dict, *, seed: int, device: torch.device | None) -> None:
+    """Complete the checkpoint of an encoder that is not trained (``hog``, ``frozen``).
+
+    HOG records only its parameters (and width); ``frozen`` keeps the weights as loaded.
+    """
+    if checkpoint["arch"] == "hog":
+        checkpoint["dim"] = hog_dim(checkpoint["input_size_px"])
+        return
+    checkpoint["state_dict"] = _cpu_state(
+        _initial_model(checkpoint, seed, device or pick_device())
+    )
+
+
+def _train_network(
+    crops: np.ndarray,
+    labels: list[str],
+    groups: Sequence[str] | None,
+    roi_ids: list[str],
+    checkpoint: dict,
+    s: TrainSettings,
+    *,
+    device: torch.device | None,
+    resume_dir: str | Path | None,
+) -> pd.DataFrame:
+    """Train the checkpoint's network on ``crops``; fill in its weights; return the history."""
+    device = device or pick_device()
+    model = _initial_model(checkpoint, s.seed, device)
+    fit, val = _split_inner(checkpoint, labels, groups, roi_ids, val_fraction=s.val_fraction,
+                            seed=s.seed)  # fmt: skip
+    plan = _Plan(training=s.training, epochs=s.epochs, batch_size=s.batch_size, lr=s.lr,
+                 weight_decay=s.weight_decay, patience=s.patience, n_fit=len(fit),
+                 n_classes=len(checkpoint["classes"]))  # fmt: skip
+    data = _Data.of(crops, labels, checkpoint, device, (s.hed_jitter_scale, s.hed_jitter_shift))
+    resume_dir = Path(resume_dir) if resume_dir is not None else None
+    settings = s.fingerprint_fields(checkpoint["input_size_px"], roi_ids)
+    fingerprint = _fingerprint(crops, labels, settings) if resume_dir else ""
+    progress = _train_resumable(model, data, fit, val, plan, seed=s.seed, resume_dir=resume_dir,
+                                fingerprint=fingerprint, desc=f"train {s.arch}")  # fmt: skip
+    _keep_best(checkpoint, model, progress)
+    if resume_dir is not None:
+        shutil.rmtree(resume_dir, ignore_errors=True)
+    return pd.DataFrame(progress.history, columns=HISTORY_COLUMNS)
+
+
+def _split_inner(
+    checkpoint: dict,
+    labels: list[str],
+    groups: Sequence[str] | None,
+    roi_ids: list[str],
+    *,
+    val_fraction: float,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split the training rows by patient group; record both parts in the checkpoint."""
+    fit, val = inner_split(
+        labels, groups if groups is not None else roi_ids, val_fraction=val_fraction, seed=seed
+    )
+    checkpoint["train_roi_ids"] = [roi_ids[i] for i in fit]
+    checkpoint["val_roi_ids"] = [roi_ids[i] for i in val]
+    return fit, val
+
+
+def _train_resumable(
+    model: Encoder,
+    data: _Data,
+    fit: np.ndarray,
+    val: np.ndarray,
+    plan: _Plan,
+    *,
+    seed: int,
+    resume_dir: Path | None,
+    fingerprint: str,
+    desc: str,
+) -> _Progress:
+    """Run the epochs from a saved state of this very training, or from the start."""
+    if data.channels_last:
+        model.to(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(seed)
+    progress = _resume(model, gen, resume_dir, fingerprint)
+    _run_epochs(model, data, fit, val, plan, progress, gen, desc=desc,
+                save=_saver(resume_dir, fingerprint))  # fmt: skip
+    return progress
+
+
+def _keep_best(checkpoint: dict, model: Encoder, progress: _Progress) -> None:
+    """Put the weights of the best validation epoch (else the last) in the checkpoint."""
+    if progress.best is not None:
+        model.load_state_dict(progress.best)
+    checkpoint["best_epoch"] = (
+        progress.best_epoch if progress.best is not None else len(progress.history["epoch"])
+    )
+    checkpoint["state_dict"] = _cpu_state(model.to(memory_format=torch.contiguous_format))
+
+
 def _train_epoch(
     model: Encoder,
     optimizer: torch.optim.Optimizer,
@@ -692,7 +844,7 @@ def _train_epoch(
         x = data.prep(data.x[idx], gen)
         y = data.y[idx].to(data.device)
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(data.device.type, dtype=torch.bfloat16, enabled=data.cuda):
+        with torch.autocast(data.device.type, dtype=torch.bfloat16, enabled=data.bf16):
             logits = model(x)
             loss = loss_fn(logits.float(), y)
         loss.backward()
