@@ -159,6 +159,23 @@ def test_no_test_or_calibration_roi_reaches_the_fit_that_scores_it(monkeypatch):
         assert sorted(rows["roi_id"]) == sorted(train)  # every training ROI once
 
 
+def test_a_small_dataset_calibrates_knn_with_fewer_neighbours(caplog):
+    # 6 images, 3 patients, 3 folds: a fold trains on 8 ROIs of 2 patients, so each
+    # inner calibration part fits on 4 ROIs, fewer than k=5
+    rois, embeddings, _ = _dataset(n_images=6)
+    models = {("knn", k): conformal._fit(conformal.clone(_knn()), e[rois["fold"] != k],
+                                         rois.loc[rois["fold"] != k, "label"], "main")
+              for k, e in embeddings.items()}  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="leukflow.evaluate.classifiers"):
+        cal = cross_conformal_predictions(
+            embeddings, rois, models, positive_label="ALL", calibration_folds=4
+        )
+    assert "n_neighbors lowered to 4" in caplog.text
+    assert models[("knn", 0)].named_steps["model"].n_neighbors == 5  # the scored model as fitted
+    for fold in range(3):
+        assert len(cal[cal["fold"] == fold]) == (rois["fold"] != fold).sum()
+
+
 def _knn():
     from leukflow.evaluate.classifiers import make_classifier
 

@@ -99,6 +99,25 @@ def grid_parameter(name: str, key: str) -> str:
     return f"model__{key}"
 
 
+def _fit_to_size(pipe: Pipeline, shape: tuple[int, int], where: str) -> None:
+    """Lower PCA's components and knn's neighbours to what a small training part holds.
+
+    A tiny training part (a small dataset's fold, or an inner calibration part
+    of one) would otherwise make scikit-learn refuse the fit; each change is
+    logged.
+    """
+    most = min(shape)
+    if "pca" in pipe.named_steps and pipe.named_steps["pca"].n_components > most:
+        log.warning("%s: pca_components lowered to %d (training part is %s)", where, most, shape)
+        pipe.set_params(pca__n_components=most)
+    model = pipe.named_steps["model"]
+    if isinstance(model, KNeighborsClassifier) and model.n_neighbors > shape[0]:
+        log.warning(
+            "%s: n_neighbors lowered to %d (training part has %d ROIs)", where, shape[0], shape[0]
+        )
+        pipe.set_params(model__n_neighbors=shape[0])
+
+
 def _fit(
     pipe: Pipeline,
     x: np.ndarray,
@@ -118,12 +137,7 @@ def _fit(
     on the whole training part with the best values is returned.
     """
     most = min(x.shape)
-    if "pca" in pipe.named_steps:
-        if pipe.named_steps["pca"].n_components > most:
-            log.warning(
-                "%s: pca_components lowered to %d (training part is %s)", where, most, x.shape
-            )
-            pipe.set_params(pca__n_components=most)
+    _fit_to_size(pipe, x.shape, where)
     if isinstance(pipe.named_steps["model"], CalibratedClassifierCV):
         labels, counts = np.unique(y, return_counts=True)
         rare = labels[counts < CALIBRATION_FOLDS]
