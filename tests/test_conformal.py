@@ -171,6 +171,17 @@ def test_a_small_dataset_calibrates_knn_with_fewer_neighbours(caplog):
             embeddings, rois, models, positive_label="ALL", calibration_folds=4
         )
     assert "n_neighbors lowered to 4" in caplog.text
+    # 8 patients of 1 ROI each: fewer ROIs per class (4) than the 5 calibration folds asked for
+    few = rois.drop_duplicates("image_id").assign(group=lambda r: r["image_id"])
+    small = {k: e[few.index] for k, e in embeddings.items()}
+    few = few.reset_index(drop=True)
+    fitted = {("knn", k): conformal._fit(conformal.clone(_knn()), e[few["fold"] != k],
+                                         few.loc[few["fold"] != k, "label"], "main")
+              for k, e in small.items()}  # fmt: skip
+    few_cal = cross_conformal_predictions(
+        small, few, fitted, positive_label="ALL", calibration_folds=5
+    )
+    assert len(few_cal[few_cal["fold"] == 0]) == (few["fold"] != 0).sum()
     assert models[("knn", 0)].named_steps["model"].n_neighbors == 5  # the scored model as fitted
     for fold in range(3):
         assert len(cal[cal["fold"] == fold]) == (rois["fold"] != fold).sum()

@@ -247,7 +247,9 @@ def cross_conformal_predictions(
     for (name, fold), model in sorted(models.items()):
         emb = np.asarray(embeddings[fold])
         train = np.flatnonzero((rois["fold"] != fold).to_numpy())
-        n_splits = min(calibration_folds, len(np.unique(groups[train])))
+        # StratifiedGroupKFold needs a class with at least n_splits members
+        largest_class = np.unique(y[train], return_counts=True)[1].max()
+        n_splits = min(calibration_folds, len(np.unique(groups[train])), largest_class)
         if n_splits < 2:
             log.warning("%s fold %d: one patient group; no calibration members", name, fold)
             continue
