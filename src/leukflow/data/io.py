@@ -651,9 +651,9 @@ class EmbeddingStoreWriter(_StagedStore):
             self.group = zarr.open_group(self._staged, mode="w", zarr_format=3)
             self.group.attrs.update(dict(attrs))
             return
+        # the caller vouches that the base's rows hold (e.g. the same frozen model)
         self.group = zarr.open_group(self._staged, mode="r+")
-        if not same_attrs(self.group.attrs, attrs):
-            raise ValueError(f"{base}: its attributes differ from the store's to write")
+        self.group.attrs.put(dict(attrs))
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*snakemake_timestamp")
             found = {n: a for n, a in self.group.arrays()}
@@ -665,13 +665,13 @@ class EmbeddingStoreWriter(_StagedStore):
         """Create an empty ``(0, dim)`` float32 array; rows are added with ``append``.
 
         ``name`` may sit in a sub-group: ``probs/fold_0``. On a store grown
-        from a ``base`` that holds ``name`` with the same ``dim`` and attrs,
-        the base's array, to append to.
+        from a ``base`` that holds ``name`` with the same ``dim``, the base's
+        array (its attrs replaced by ``attrs``), to append to.
         """
         found = self.arrays.get(name)
         if found is not None and self.keep_rows and found.array.shape[1] == dim:
-            if same_attrs(found.array.attrs, attrs):
-                return found
+            found.array.attrs.put(dict(attrs))
+            return found
         if name in self.arrays:
             raise ValueError(f"EmbeddingStoreWriter: array {name!r} already exists")
         rows = max(256, (1 << 20) // max(dim, 1))  # about 4 MiB per chunk
