@@ -22,6 +22,7 @@ from leukflow.segment import SegmentParams, batch_images, segment_images, worker
 from leukflow.segment.ledger import (
     listed_images,
     members,
+    plan_ledger,
     read_ledger,
     update_ledger,
     write_ledger,
@@ -124,8 +125,19 @@ def test_ledger_file_round_trips_and_names_a_bad_file(tmp_path):
     path = tmp_path / "batches.csv"
     assert read_ledger(path) == {}
     ledger = update_ledger({}, ["d/b", "d/a", "d/c"], 2)
-    write_ledger(ledger, path)
+    listed = pd.DataFrame({"image_id": ["d/a", "d/b", "d/c"], "mask": ["", "m/b.png", ""],
+                           "path": ["i/a.png", "i/b.png", "i/c.png"]})  # fmt: skip
+    write_ledger(ledger, listed, path)
     assert list(read_ledger(path).items()) == list(ledger.items())
+    assert path.read_text().splitlines()[:3] == [
+        "image_id,batch,path,mask", "d/a,0,i/a.png,", "d/b,0,i/b.png,m/b.png"
+    ]  # fmt: skip
+    # the plan takes the ledger as it is while the dataset holds the same files
+    spec = {"format": "folders", "root": str(tmp_path / "nowhere")}  # never listed
+    same = ["i/a.png", "i/b.png", "m/b.png", "i/c.png", "i/labels.csv"]
+    assert plan_ledger("d", spec, 2, path, same)[0] == ledger
+    with pytest.raises(FileNotFoundError):  # a new image: listed again
+        plan_ledger("d", spec, 2, path, [*same, "i/new.png"])
     path.write_text("id,batch\nd/a,0\n")
     with pytest.raises(ValueError, match=r"batches\.csv: expected columns"):
         read_ledger(path)

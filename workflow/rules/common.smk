@@ -27,7 +27,9 @@ LEDGERS = {}
 LISTED = {}
 for _name, _d in PLAN.datasets.items():
     if _d["format"] != "demo":
-        LEDGERS[_name], _listed = plan_ledger(_name, _d, BATCH_SIZE, PLAN.ledger(_name))
+        LEDGERS[_name], _listed = plan_ledger(
+            _name, _d, BATCH_SIZE, PLAN.ledger(_name), DATASET_FILES[_name]
+        )
         LISTED[_name] = _listed.set_index("image_id")
 MEMBERS = {name: ledger_members(ledger) for name, ledger in LEDGERS.items()}
 N_BATCHES = {

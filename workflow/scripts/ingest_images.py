@@ -4,7 +4,7 @@ from leukflow.core.runlog import start_log
 from leukflow.data.duplicates import find_duplicates, plot_duplicates
 from leukflow.data.ingest import ingest_datasets
 from leukflow.data.io import write_table
-from leukflow.segment.ledger import plan_ledger, update_ledger, write_ledger
+from leukflow.segment.ledger import write_ledgers
 
 log = start_log(
     "ingest_images", snakemake.log[0], {**snakemake.params, "threads": snakemake.threads}
@@ -30,10 +30,6 @@ write_table(rejects, snakemake.output.rejects)
 write_table(duplicates, snakemake.output.duplicates)
 plot_duplicates(manifest, duplicates, snakemake.output.qa)
 # the batch ledgers, as the run plan worked them out (a demo dataset's: its sorted ids)
-for name, spec in snakemake.params.datasets.items():
-    path, size = snakemake.params.ledgers[name], snakemake.params.batch_size
-    if spec["format"] == "demo":
-        ids = manifest.loc[manifest["dataset"] == name, "image_id"]
-        write_ledger(update_ledger({}, ids.tolist(), size), path)
-    else:
-        write_ledger(plan_ledger(name, spec, size, path)[0], path)
+write_ledgers(
+    snakemake.params.datasets, manifest, snakemake.params.ledgers, snakemake.params.batch_size
+)

@@ -3,8 +3,8 @@
 A dataset's images are segmented in batches of about ``segmentation.batch_size``
 images (one ``segment_batch`` job each). The ledger,
 ``results_dir/segment/<dataset>/batches.csv`` (columns ``image_id``,
-``batch``, in the order images joined), remembers each batch's members from
-run to run:
+``batch``, ``path`` and ``mask``, the image and mask files, in the order
+images joined), remembers each batch's members from run to run:
 
 - an image keeps its batch for as long as it is listed;
 - new images (in sorted id order) fill the one **open** batch, the last one,
@@ -34,14 +34,15 @@ from typing import Any
 import pandas as pd
 
 from leukflow.data.datasets import image_folder, list_dataset
+from leukflow.data.io import CANDIDATE_SUFFIXES
 
-LEDGER_COLUMNS = ["image_id", "batch"]
+LEDGER_COLUMNS = ["image_id", "batch", "path", "mask"]
 #: Keys of a dataset spec that its listing reads besides ``format`` and ``root``.
 _LIST_OPTIONS = ("masks", "label", "label_map")
 
 
-def read_ledger(path: str | Path) -> dict[str, int]:
-    """Image id -> batch, in the order images joined; empty when there is no ledger yet.
+def read_ledger_table(path: str | Path) -> pd.DataFrame:
+    """Read a ledger file as a table (:data:`LEDGER_COLUMNS`); empty when there is none yet.
 
     Raises
     ------
@@ -50,22 +51,36 @@ def read_ledger(path: str | Path) -> dict[str, int]:
     """
     path = Path(path)
     if not path.exists():
-        return {}
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in LEDGER_COLUMNS})
     with path.open(newline="") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header != LEDGER_COLUMNS:
-            raise ValueError(f"{path}: expected columns {LEDGER_COLUMNS}; got {header}")
-        try:
-            return {image_id: int(batch) for image_id, batch in reader}
-        except ValueError as err:
-            raise ValueError(f"{path}: not a batch ledger ({err})") from err
+        rows = list(csv.reader(f))
+    if rows and rows[0] == LEDGER_COLUMNS[:2]:  # without its files: listed again
+        rows = [LEDGER_COLUMNS, *([*row, "", ""] for row in rows[1:])]
+    if not rows or rows[0] != LEDGER_COLUMNS:
+        raise ValueError(f"{path}: expected columns {LEDGER_COLUMNS}; got {rows[:1]}")
+    table = pd.DataFrame(rows[1:], columns=LEDGER_COLUMNS)
+    try:
+        table["batch"] = table["batch"].astype(int)
+    except ValueError as err:
+        raise ValueError(f"{path}: not a batch ledger ({err})") from err
+    return table
 
 
-def write_ledger(ledger: Mapping[str, int], path: str | Path) -> None:
-    """Write ``ledger`` to ``path`` atomically (a temporary file renamed), when it changed."""
+def read_ledger(path: str | Path) -> dict[str, int]:
+    """Image id -> batch, in the order images joined; empty when there is no ledger yet."""
+    table = read_ledger_table(path)
+    return dict(zip(table["image_id"], table["batch"].astype(int).tolist(), strict=True))
+
+
+def write_ledger(ledger: Mapping[str, int], listed: pd.DataFrame, path: str | Path) -> None:
+    """Write ``ledger`` with its images' files (``listed``: :func:`listed_images`) atomically."""
     path = Path(path)
-    if list(read_ledger(path).items()) == list(ledger.items()):
+    files = listed.set_index("image_id").reindex(list(ledger)).fillna("")
+    rows = [[i, b, p, m] for (i, b), p, m in
+            zip(ledger.items(), files["path"], files["mask"], strict=True)]  # fmt: skip
+    if path.exists() and read_ledger_table(path).astype(str).values.tolist() == [
+        [str(v) for v in row] for row in rows
+    ]:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -73,7 +88,7 @@ def write_ledger(ledger: Mapping[str, int], path: str | Path) -> None:
         with os.fdopen(fd, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(LEDGER_COLUMNS)
-            writer.writerows(ledger.items())
+            writer.writerows(rows)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -155,8 +170,54 @@ def listed_images(name: str, spec: Mapping[str, Any]) -> pd.DataFrame:
 
 
 def plan_ledger(
-    name: str, spec: Mapping[str, Any], batch_size: int, path: str | Path
+    name: str,
+    spec: Mapping[str, Any],
+    batch_size: int,
+    path: str | Path,
+    files: Sequence[str] | None = None,
 ) -> tuple[dict[str, int], pd.DataFrame]:
-    """Work out a dataset's ledger (from the one at ``path`` and its listing); and the listing."""
+    """Work out a dataset's ledger (from the one at ``path`` and its listing); and the listing.
+
+    With ``files``, the dataset's files now (``dataset_files``): when every
+    image file among them is one the ledger holds, and every file the ledger
+    holds is among them, the ledger stands as it is and the dataset is not
+    listed again (its adapter is slow on large datasets), so that
+    ``snakemake -n`` stays fast when nothing is new.
+    """
+    table = read_ledger_table(path)
+    if files is not None and len(table) and _holds_the_same_files(table, files):
+        ledger = dict(zip(table["image_id"], table["batch"].tolist(), strict=True))
+        return ledger, table[["image_id", "path", "mask"]]
     listed = listed_images(name, spec)
-    return update_ledger(read_ledger(path), listed["image_id"].tolist(), batch_size), listed
+    ledger = update_ledger(read_ledger(path), listed["image_id"].tolist(), batch_size)
+    return ledger, listed
+
+
+def _holds_the_same_files(table: pd.DataFrame, files: Sequence[str]) -> bool:
+    held = set(table["path"]) | (set(table["mask"]) - {""})
+    present = set(files)
+    images = {f for f in files if os.path.splitext(f)[1].lower() in CANDIDATE_SUFFIXES}
+    return held <= present and images <= held
+
+
+def write_ledgers(
+    datasets: Mapping[str, Mapping[str, Any]],
+    manifest: pd.DataFrame,
+    paths: Mapping[str, str],
+    batch_size: int,
+) -> None:
+    """Write every dataset's ledger after ingest, as the run plan worked it out.
+
+    A demo dataset's (drawn by the workflow, never grown) holds its manifest's
+    sorted ids cut in order, what its batch jobs take from the manifest.
+    """
+    for name, spec in datasets.items():
+        if spec["format"] != "demo":
+            write_ledger(*plan_ledger(name, spec, batch_size, paths[name]), paths[name])
+            continue
+        rows = manifest[manifest["dataset"] == name]
+        files = [str(Path(r) / p) for r, p in zip(rows["root"], rows["path"], strict=True)]
+        listed = pd.DataFrame({"image_id": rows["image_id"], "path": files, "mask": ""})
+        write_ledger(
+            update_ledger({}, listed["image_id"].tolist(), batch_size), listed, paths[name]
+        )
