@@ -116,6 +116,10 @@ def timed(work: Path, cores: int, targets: list[str]) -> dict:
         "cached": cached,
         "written": sum(s[2] for s in written.values()),
         "rewritten": sum(s[2] for p, s in written.items() if p in before),
+        "largest": sorted(
+            ((s[2], str(p.relative_to(out))) for p, s in written.items() if p in before),
+            reverse=True,
+        )[:6],
     }
 
 
@@ -165,6 +169,7 @@ def main() -> None:
         f"  bytes written under results_dir (cache apart): {again['written']:,} "
         f"(full run: {full['written']:,}); of files that existed: {again['rewritten']:,}"
     )
+    print("  largest files rewritten: " + ", ".join(f"{p} {n:,}" for n, p in again["largest"]))
     print(f"third run, nothing new: snakemake -n plans {'no job' if idle else 'jobs (!)'}")
 
 
