@@ -121,3 +121,9 @@ EVALUATION_PARAMS = dict(
     conformal=config["evaluation"]["conformal"],
     plot_kinds=list(PLOT_KINDS),
 )
+
+
+def write_members(paths, members, logfile):
+    """List a batch's member files in ``members``, one path per line, and say so in the log."""
+    Path(members).write_text("".join(f"{path}\n" for path in paths))
+    Path(logfile).write_text(f"{len(paths)} member files listed in {members}\n")

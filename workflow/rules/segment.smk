@@ -20,11 +20,13 @@ rule batch_members:
         batch_files,
     output:
         PLAN.batch_file("members.txt"),
+    log:
+        logfile("segment/{dataset}/batch_{batch}_members.log"),
     wildcard_constraints:
         dataset="|".join(LISTED) or "^$",
     localrule: True
     run:
-        Path(output[0]).write_text("".join(f"{path}\n" for path in input))
+        write_members(input, output[0], log[0])
 
 
 rule segment_batch:
