@@ -1,7 +1,9 @@
 """Kill a workflow run at random moments, resume it, compare with a clean run.
 
 Used by tests/test_crash_safety.py (a few kills) and benchmarks/killtest.py
-(N >= 10). A run is the real Snakefile on a small demo dataset; a kill is
+(N >= 10). A run is the real Snakefile on a small dataset of demo fields, or
+an incremental run after fields were added to a finished one (its stores
+grow: :func:`kill_incremental`); a kill is
 SIGKILL to the run's whole process group (Snakemake, its script processes and
 their dask workers), as a node failure or ``scancel --signal=KILL`` would do.
 Each resume is ``snakemake --unlock`` then ``snakemake --rerun-incomplete``,
@@ -25,18 +27,24 @@ import pandas as pd
 import yaml
 import zarr
 
+from leukflow.data.demo import draw_demo_dataset
+
 REPO = Path(__file__).resolve().parents[1]
 
-#: A small, fast configuration: every stage runs, all on CPU.
+#: A small, fast configuration: every stage runs, all on CPU. The images are
+#: drawn demo fields filed by class (format folders), so that fields can be added
+#: for an incremental run; HOG is a frozen encoder, whose store grows.
 CONFIG = {
     "results_dir": "out",
-    "datasets": {"demo": {"format": "demo", "root": "demo", "n_fields": 8,
-                          "fields_per_patient": 2, "seed": 3}},
+    "datasets": {"demo": {"format": "folders", "root": "demo"}},
     "segmentation": {"roi_size_px": 32, "batch_size": 4},
     "folds": {"k": 2},
-    "encoders": {"resnet18": {"epochs": 2, "batch_size": 16}},
+    "encoders": {"resnet18": {"epochs": 2, "batch_size": 16},
+                 "hog": {"arch": "hog", "training": "frozen"}},
     "classifiers": {"random_forest": {"n_estimators": 50}, "knn": {"n_neighbors": 3}},
 }  # fmt: skip
+#: Fields drawn for a run, and those of them added by :func:`add_fields`.
+N_FIELDS, N_ADDED = 8, 2
 
 
 def _command(*args: str) -> list[str]:
@@ -45,9 +53,63 @@ def _command(*args: str) -> list[str]:
 
 
 def prepare(work: Path) -> None:
-    """Write the run's config into ``work`` (the demo data is drawn by the workflow)."""
+    """Write the run's config and its first :data:`N_FIELDS` fields into ``work``.
+
+    The :data:`N_ADDED` further fields wait in ``work/more`` for :func:`add_fields`.
+    """
     work.mkdir(parents=True, exist_ok=True)
     (work / "my.yaml").write_text(yaml.safe_dump(CONFIG))
+    drawn = work / "drawn"
+    draw_demo_dataset(drawn, n_fields=N_FIELDS + N_ADDED, seed=3, fields_per_patient=2)
+    labels = pd.read_csv(drawn / "labels.csv")
+    for i, row in enumerate(labels.itertuples(index=False)):
+        folder = "demo" if i < N_FIELDS else "more"
+        target = work / folder / row.label / Path(row.image).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(drawn / row.image, target)
+    shutil.rmtree(drawn)
+
+
+def add_fields(work: Path) -> None:
+    """Move the fields waiting in ``work/more`` into the dataset: an incremental run."""
+    for path in sorted((work / "more").rglob("*.png")):
+        target = work / "demo" / path.relative_to(work / "more")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, target)
+    shutil.rmtree(work / "more")
+
+
+def kill_incremental(
+    finished: Path, work: Path, kills: int, span_s: float, clean: Path, seed: int = 0
+) -> tuple[list[float], list[list[str]]]:
+    """Kill incremental runs at random moments, resume each, compare with ``clean``.
+
+    Each try copies ``finished`` (a finished run's folder, fields waiting in
+    ``more``; mtimes kept, so its outputs stay up to date) to ``work``, adds
+    the fields, starts the run and SIGKILLs it after a uniform random delay in
+    ``[1, span_s]`` s, then resumes it to the end and compares its results with
+    ``clean`` (an uninterrupted incremental run's result folder).
+
+    Returns
+    -------
+    hits : list of float
+        The delay of each kill that hit a running workflow.
+    diffs : list of list of str
+        For each resumed run, :func:`compare_runs` against ``clean``.
+    """
+    rng = random.Random(seed)
+    hits, diffs = [], []
+    while len(hits) < kills:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(finished, work, symlinks=True)
+        add_fields(work)
+        delay = rng.uniform(1.0, span_s)
+        if not run_and_kill(work, delay):
+            continue
+        hits.append(round(delay, 1))
+        run_to_end(work)
+        diffs.append(compare_runs(clean, work / "out"))
+    return hits, diffs
 
 
 def run_to_end(work: Path) -> float:
@@ -109,7 +171,7 @@ def kill_and_resume(
             hits.append(round(delay, 1))
             continue
         diffs.append(compare_runs(clean, work / "out"))
-        for name in ("out", "demo", ".snakemake"):
+        for name in ("out", ".snakemake"):
             shutil.rmtree(work / name, ignore_errors=True)
     run_to_end(work)
     diffs.append(compare_runs(clean, work / "out"))
@@ -130,7 +192,8 @@ def compare_runs(clean: Path, other: Path) -> list[str]:
             equal = a.read_bytes() == b.read_bytes()
         if not equal:
             diffs.append(name)
-    stores = ["segment/demo/crops.zarr", "embeddings/demo/resnet18.zarr"]
+    stores = ["segment/demo/crops.zarr", "embeddings/demo/resnet18.zarr",
+              "embeddings/demo/hog.zarr"]  # fmt: skip
     for name in stores:
         with warnings.catch_warnings():  # Snakemake's .snakemake_timestamp in the store
             warnings.simplefilter("ignore")

@@ -227,3 +227,39 @@ def test_frozen_embeddings_are_cached_per_image(arch, tmp_path, caplog):
     three = open_embeddings(tmp_path / "three.zarr")["all"][:]
     np.testing.assert_array_equal(three[:12], want)
     assert three.shape[0] == 14
+
+
+def test_a_frozen_store_grows_by_the_new_rois_only(tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="leukflow.learn.embed")
+    crops = _crops(300, seed=4)  # over one zarr chunk of rows: links and a cut chunk
+    ck, _ = train_encoder(crops[:6], ["a"] * 6, arch="hog", epochs=1, batch_size=2, lr=1.0,
+                          seed=0)  # fmt: skip
+    save_checkpoint(ck | {"training": "frozen"}, tmp_path / "all.pt")
+    keys = [f"img{i // 3}" for i in range(300)]  # three ROIs per image
+    ids = [f"d/img{i // 3}#{i % 3}" for i in range(300)]
+
+    def run(name, n, mirror):
+        write_crops(crops[:n], tmp_path / f"{name}_crops.zarr", {})
+        embed_rois([tmp_path / "all.pt"], tmp_path / f"{name}_crops.zarr", tmp_path / name,
+                   leukflow_version="t", device=CPU, roi_keys=keys[:n],
+                   cache_dir=tmp_path / f"cache_{name}", roi_ids=ids[:n],
+                   mirror=mirror)  # fmt: skip
+        return open_embeddings(tmp_path / name)["all"]
+
+    mirror = tmp_path / "mirror"
+    first = run("grown.zarr", 270, mirror)[:]
+    grown = run("grown.zarr", 300, mirror)
+    assert "270 ROIs' embeddings linked from the last store; embedding 30" in caplog.messages
+    fresh = run("fresh.zarr", 300, None)
+    np.testing.assert_array_equal(grown[:], fresh[:])
+    np.testing.assert_array_equal(grown[:270], first)
+    # the first chunk of rows is the mirror's file itself (hard-linked, not written)
+    chunk = tmp_path / "grown.zarr" / "all" / "c" / "0" / "0"
+    assert chunk.stat().st_ino == (mirror / "store" / "all" / "c" / "0" / "0").stat().st_ino
+    # a ROI edited in place (same id, another image content): embedded again from it on
+    caplog.clear()
+    keys[279:282] = ["edited"] * 3  # image 93's three ROIs
+    run("grown.zarr", 300, mirror)
+    assert "279 ROIs' embeddings linked from the last store; embedding 21" in caplog.messages

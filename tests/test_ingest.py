@@ -379,6 +379,29 @@ def test_ingest_reads_measurements_of_known_content_from_the_cache(tmp_path, dem
     assert (rejects["reason"] == "too_small").sum() == len(entries)
 
 
+def test_ingest_does_not_read_a_file_unchanged_since_it_was_hashed(tmp_path, monkeypatch):
+    from leukflow.data import ingest
+
+    for name in ("a", "b"):
+        Image.new("RGB", (40, 40), (10, 20, 30) if name == "a" else (1, 2, 3)).save(
+            tmp_path / f"{name}.png"
+        )
+    records = pd.DataFrame({"path": ["a.png", "b.png"], "label": "x", "patient": ["p", "q"]})
+    kwargs = {"dataset": "d", "root": tmp_path, "min_size_px": 8, "cache_dir": tmp_path / "c"}
+    first, _ = ingest_images(records, **kwargs)
+    hashed = []
+    real = ingest.sha256_file
+    monkeypatch.setattr(ingest, "sha256_file", lambda p: hashed.append(p.name) or real(p))
+    again, _ = ingest_images(records, **kwargs)
+    assert hashed == []  # same path, size and mtime: neither hashed nor decoded
+    pd.testing.assert_frame_equal(again, first)
+    # an edited file (new mtime) is hashed again and gets its new hash
+    Image.new("RGB", (40, 40), (200, 0, 0)).save(tmp_path / "b.png")
+    edited, _ = ingest_images(records, **kwargs)
+    assert hashed == ["b.png"]
+    assert edited["sha256"].iloc[1] == real(tmp_path / "b.png") != first["sha256"].iloc[1]
+
+
 def test_twin_datasets_get_their_datasets_pairs_not_their_own_copies(tmp_path):
     from leukflow.data.duplicates import find_duplicates
 

@@ -434,3 +434,36 @@ def test_sha256_file_matches_hashlib(tmp_path, size):
     expected = hashlib.sha256(data).hexdigest()
     assert sha256_file(path) == expected
     assert sha256_file(path, block_size=7) == expected  # several blocks
+
+
+def test_crop_store_grows_by_linking_the_parts_it_holds(tmp_path):
+    from leukflow.data.grow import files_digest, grow_crops, mirror_dir
+
+    rng = np.random.default_rng(0)
+    parts = []
+    for b, n in enumerate([200, 150, 7]):
+        crops = rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8)
+        write_crops(crops, tmp_path / f"b{b}.zarr", {})
+        parts.append((files_digest([tmp_path / f"b{b}.zarr"]), tmp_path / f"b{b}.zarr"))
+    out, mirror = tmp_path / "crops.zarr", mirror_dir(tmp_path / "cache", "d/crops")
+    grow = lambda ps: grow_crops(out, ps, roi_size_px=8, attrs={"m": 1}, mirror=mirror)  # noqa: E731
+    assert grow(parts[:2]) == {"parts_kept": 0, "rows_kept": 0, "rows_written": 350}
+    assert grow(parts) == {"parts_kept": 2, "rows_kept": 350, "rows_written": 7}
+    whole = np.concatenate([read_crops(p) for _, p in parts])
+    np.testing.assert_array_equal(read_crops(out), whole)
+    # a part made again (new digest) is written again, with every part after it
+    write_crops(read_crops(parts[1][1])[::-1].copy(), parts[1][1], {})
+    parts[1] = (files_digest([parts[1][1]]), parts[1][1])
+    assert grow(parts) == {"parts_kept": 1, "rows_kept": 200, "rows_written": 157}
+    whole = np.concatenate([read_crops(p) for _, p in parts])
+    np.testing.assert_array_equal(read_crops(out), whole)
+    # an append that fails half-way leaves the store and its mirror as they were
+    before = read_crops(out)
+    bad = tmp_path / "bad.zarr"
+    write_crops(np.zeros((3, 9, 9, 3), np.uint8), bad, {})
+    with pytest.raises(ValueError, match="expected"):
+        grow([*parts, ("x", bad)])
+    np.testing.assert_array_equal(read_crops(out), before)
+    assert grow(parts)["parts_kept"] == 3
+    # other attrs: written whole
+    assert grow_crops(out, parts, roi_size_px=8, attrs={"m": 2}, mirror=mirror)["rows_kept"] == 0

@@ -162,6 +162,8 @@ def test_path_methods_give_patterns_and_files():
         plan.member_predictions("net/knn") == "out/evaluate/{dataset}/net/roi_predictions.parquet"
     )
     assert plan.cross_ids("b", "a", "net") == "out/cross/embeddings/a/net/b_rois.parquet"
+    assert plan.ledger("demo") == "out/segment/demo/batches.csv"
+    assert plan.batch_file("members.txt", "demo", 3) == "out/segment/demo/batch_3/members.txt"
     moved = RunPlan.from_config(VALID, results_dir="/elsewhere")
     assert moved.embeddings("demo", "net") == "/elsewhere/embeddings/demo/net.zarr"
 

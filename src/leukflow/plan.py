@@ -358,6 +358,10 @@ class RunPlan:
         """File ``name`` of one segmentation batch."""
         return self.result(f"segment/{dataset}/batch_{batch}/{name}")
 
+    def ledger(self, dataset: str = "{dataset}") -> str:
+        """Return a dataset's batch ledger: ``segment/<dataset>/batches.csv``."""
+        return self.segment_file("batches.csv", dataset)
+
     def control_base(self, dataset: str) -> str:
         """Return the dataset whose crops a shortcut control is made from."""
         return self.controls[dataset][0]

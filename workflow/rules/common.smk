@@ -3,8 +3,10 @@
 # come from leukflow.plan.RunPlan; rule files use PLAN and nothing of each other.
 
 import math
+from pathlib import Path
 
-from leukflow.data.datasets import count_images, dataset_files
+from leukflow.data.datasets import dataset_files
+from leukflow.segment.ledger import members as ledger_members, plan_ledger
 from leukflow.plan import CNN_SOFTMAX, ENSEMBLE, PLOT_KINDS, RunPlan
 
 PLAN = RunPlan.from_config(config)
@@ -15,18 +17,26 @@ DATASET_FILES = {
     name: [d["root"]] if d["format"] == "demo" else dataset_files(d)
     for name, d in PLAN.datasets.items()
 }
-# Segmentation runs in jobs of about segmentation.batch_size images each.
+# Segmentation runs in jobs of about segmentation.batch_size images each, whose
+# members the batch ledger (results_dir/segment/<dataset>/batches.csv) keeps
+# from run to run: new images fill the open batch, sealed batches never change
+# (leukflow.segment.ledger). A demo folder is drawn by a rule, so its batches
+# are its sorted ids cut in order, chosen inside the job from the manifest.
+BATCH_SIZE = config["segmentation"]["batch_size"]
+LEDGERS = {}
+LISTED = {}
+for _name, _d in PLAN.datasets.items():
+    if _d["format"] != "demo":
+        LEDGERS[_name], _listed = plan_ledger(
+            _name, _d, BATCH_SIZE, PLAN.ledger(_name), DATASET_FILES[_name]
+        )
+        LISTED[_name] = _listed.set_index("image_id")
+MEMBERS = {name: ledger_members(ledger) for name, ledger in LEDGERS.items()}
 N_BATCHES = {
-    name: max(
-        1,
-        math.ceil(
-            (
-                d["n_fields"]
-                if d["format"] == "demo"
-                else count_images(DATASET_FILES[name])
-            )
-            / config["segmentation"]["batch_size"]
-        ),
+    name: (
+        max(1, len(MEMBERS[name]))
+        if name in MEMBERS
+        else max(1, math.ceil(d["n_fields"] / BATCH_SIZE))
     )
     for name, d in PLAN.datasets.items()
 }
@@ -66,6 +76,33 @@ def dataset_inputs(wildcards):
     return [path for files in DATASET_FILES.values() for path in files]
 
 
+def batch_members(wildcards):
+    """Image ids of one batch (ledger order); None for a demo dataset (chosen in the job)."""
+    members = MEMBERS.get(wildcards.dataset)
+    if members is None:
+        return None
+    batch = int(wildcards.batch)
+    return members[batch] if batch < len(members) else []
+
+
+def batch_files(wildcards):
+    """The image and mask files of one batch's members, in ledger order."""
+    ids = batch_members(wildcards)
+    listed = LISTED[wildcards.dataset]
+    listed = listed.loc[ids] if ids else listed[:0]
+    return [*listed["path"], *[m for m in listed["mask"] if m]]
+
+
+def batch_inputs(wildcards):
+    """What one segmentation batch reads: its members list (a new or edited member
+    re-runs it) and the manifest (ancient: a new image elsewhere re-runs ingest, not
+    this batch); a demo dataset's batches follow the manifest."""
+    if batch_members(wildcards) is None:
+        return {"manifest": result("manifest.parquet")}
+    members = PLAN.batch_file("members.txt", wildcards.dataset, wildcards.batch)
+    return {"manifest": ancient(result("manifest.parquet")), "members": members}
+
+
 def segment_batches(name):
     """Input function: file ``name`` of every segmentation batch of a dataset."""
     return lambda wc: [
@@ -84,3 +121,9 @@ EVALUATION_PARAMS = dict(
     conformal=config["evaluation"]["conformal"],
     plot_kinds=list(PLOT_KINDS),
 )
+
+
+def write_members(paths, members, logfile):
+    """List a batch's member files in ``members``, one path per line, and say so in the log."""
+    Path(members).write_text("".join(f"{path}\n" for path in paths))
+    Path(logfile).write_text(f"{len(paths)} member files listed in {members}\n")

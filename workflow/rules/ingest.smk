@@ -60,5 +60,7 @@ rule ingest_images:
         duplicate_max_distance=config["ingest"]["duplicate_max_distance"],
         cache_dir=result("cache"),
         twins=PLAN.twins,
+        ledgers={name: PLAN.ledger(name) for name in PLAN.datasets},
+        batch_size=BATCH_SIZE,
     script:
         "../scripts/ingest_images.py"

@@ -13,9 +13,25 @@ if _KMEANS["k_min"] > _KMEANS["k_max"]:
     )
 
 
+# One batch's members (from the batch ledger): its files are this rule's inputs,
+# so a new, edited or removed member re-runs this batch alone.
+rule batch_members:
+    input:
+        batch_files,
+    output:
+        PLAN.batch_file("members.txt"),
+    log:
+        logfile("segment/{dataset}/batch_{batch}_members.log"),
+    wildcard_constraints:
+        dataset="|".join(LISTED) or "^$",
+    localrule: True
+    run:
+        write_members(input, output[0], log[0])
+
+
 rule segment_batch:
     input:
-        manifest=result("manifest.parquet"),
+        unpack(batch_inputs),
     output:
         rois=PLAN.batch_file("rois.parquet"),
         crops=directory(PLAN.batch_file("crops.zarr")),
@@ -36,7 +52,7 @@ rule segment_batch:
         mem_mb=attempt_mem_mb(4000),
     params:
         segmentation=config["segmentation"],
-        n_batches=lambda wc: N_BATCHES[wc.dataset],
+        batch_size=BATCH_SIZE,
         cache_dir=result("cache"),
     script:
         "../scripts/segment_batch.py"
@@ -77,6 +93,7 @@ rule merge_segments:
         mem_mb=attempt_mem_mb(2000),
     params:
         segmentation=config["segmentation"],
+        cache_dir=result("cache"),
     script:
         "../scripts/merge_segments.py"
 

@@ -4,11 +4,13 @@ import torch
 
 import leukflow
 from leukflow.core.runlog import start_log
+from leukflow.data.grow import mirror_dir
 from leukflow.data.io import read_table, write_table
 from leukflow.learn.embed import embed_rois
 from leukflow.learn.models import pick_device
 from leukflow.segment import SegmentParams, cache_space
 
+wc = snakemake.wildcards
 device = pick_device()
 # CPU: the forward pass needs every thread and decoding small crops is cheap, so no
 # loader workers (one cost a 2-thread job half its speed); CUDA: every other thread decodes.
@@ -33,6 +35,9 @@ attrs = embed_rois(
     device=device,
     roi_keys=roi_keys,
     cache_dir=snakemake.params.cache_dir,
+    # a frozen encoder's store grows: ROIs it held are linked, new ones embedded
+    roi_ids=rois["roi_id"].tolist(),
+    mirror=mirror_dir(snakemake.params.cache_dir, f"embeddings/{wc.dataset}/{wc.encoder}"),
 )
 write_table(rois[["roi_id", "image_id"]], snakemake.output.ids)
 log.info("embedded %d ROIs with %d encoders: %s", len(rois), len(snakemake.input.checkpoints),

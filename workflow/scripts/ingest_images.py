@@ -4,6 +4,7 @@ from leukflow.core.runlog import start_log
 from leukflow.data.duplicates import find_duplicates, plot_duplicates
 from leukflow.data.ingest import ingest_datasets
 from leukflow.data.io import write_table
+from leukflow.segment.ledger import write_ledgers
 
 log = start_log(
     "ingest_images", snakemake.log[0], {**snakemake.params, "threads": snakemake.threads}
@@ -28,3 +29,7 @@ write_table(manifest, snakemake.output.manifest)
 write_table(rejects, snakemake.output.rejects)
 write_table(duplicates, snakemake.output.duplicates)
 plot_duplicates(manifest, duplicates, snakemake.output.qa)
+# the batch ledgers, as the run plan worked them out (a demo dataset's: its sorted ids)
+write_ledgers(
+    snakemake.params.datasets, manifest, snakemake.params.ledgers, snakemake.params.batch_size
+)

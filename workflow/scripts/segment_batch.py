@@ -9,18 +9,21 @@ from pathlib import Path
 
 from leukflow.core.runlog import start_log
 from leukflow.data.io import read_table, write_table
-from leukflow.segment import SegmentParams, batch_of, segment_to_store, workers_for_memory
+from leukflow.segment import SegmentParams, batch_images, segment_to_store, workers_for_memory
 
 cfg, p, wc = snakemake.params.segmentation, snakemake.params, snakemake.wildcards
 log = start_log(
     "segment_batch",
     snakemake.log[0],
-    {**cfg, "batch": f"{wc.batch} of {p.n_batches}", "threads": snakemake.threads,
-     "mem_mb": snakemake.resources.mem_mb},
+    {**cfg, "batch": wc.batch, "threads": snakemake.threads, "mem_mb": snakemake.resources.mem_mb},
 )  # fmt: skip
-manifest = read_table(snakemake.input.manifest)
-images = manifest[manifest["dataset"] == wc.dataset]
-images = images[batch_of(images["image_id"], p.n_batches) == int(wc.batch)]
+# the batch's members: its input files (from the batch ledger), or for a demo
+# dataset the batch_size-th slice of its sorted ids
+members = snakemake.input.get("members")
+images = batch_images(
+    read_table(snakemake.input.manifest), wc.dataset, int(wc.batch), p.batch_size,
+    files=None if members is None else Path(members).read_text().splitlines(),
+)  # fmt: skip
 params = SegmentParams.from_mapping(cfg)
 largest = int((images["width"] * images["height"]).max()) if len(images) else 0
 n_workers = workers_for_memory(

@@ -28,7 +28,13 @@ from leukflow.data.datasets import (
     image_folder,
     list_dataset,
 )
-from leukflow.data.io import InvalidInputError, read_image, read_image_noted, sha256_file
+from leukflow.data.io import (
+    InvalidInputError,
+    atomic_path,
+    read_image,
+    read_image_noted,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +58,12 @@ OPTION_KEYS = {"masks", "label", "label_map"}
 
 
 def inspect_image(
-    path: Path, mask: Path | None, *, min_size_px: int, cache_dir: str | Path | None = None
+    path: Path,
+    mask: Path | None,
+    *,
+    min_size_px: int,
+    cache_dir: str | Path | None = None,
+    sha256: str = "",
 ) -> dict[str, Any]:
     """Decode, hash and measure one image, and check its mask's size.
 
@@ -67,6 +78,9 @@ def inspect_image(
     cache_dir : str or Path, optional
         Per-image cache (:mod:`leukflow.data.cache`): an image whose file hash was
         measured before is not decoded again.
+    sha256 : str, optional
+        The file's SHA-256 when known (:func:`known_hashes`: same path, size
+        and mtime as when it was hashed); otherwise the file is hashed.
 
     Returns
     -------
@@ -83,7 +97,7 @@ def inspect_image(
         ``too_small`` or ``mask_size_mismatch``.
     """
     try:
-        sha = sha256_file(path)
+        sha = sha256 or sha256_file(path)
     except OSError:  # read_image_noted below names the reason
         sha = ""
     entry = cache.entry_path(cache_dir, INGEST_CACHE, sha) if (cache_dir and sha) else None
@@ -114,10 +128,12 @@ def inspect_image(
     return {"sha256": sha, **found}
 
 
-def _inspect_or_reason(task: tuple[Path, Path | None, int, str]) -> dict[str, Any]:
-    path, mask, min_size_px, cache_dir = task
+def _inspect_or_reason(task: tuple[Path, Path | None, int, str, str]) -> dict[str, Any]:
+    path, mask, min_size_px, cache_dir, sha = task
     try:
-        return inspect_image(path, mask, min_size_px=min_size_px, cache_dir=cache_dir or None)
+        return inspect_image(
+            path, mask, min_size_px=min_size_px, cache_dir=cache_dir or None, sha256=sha
+        )
     except InvalidInputError as err:
         return {"reason": err.reason, "message": str(err)}
 
@@ -176,18 +192,21 @@ def ingest_images(
                         "message": f"{root / rec.path}: empty label"})  # fmt: skip
         else:
             listed.append(rec)
+    hashes = known_hashes(cache_dir, [root / rec.path for rec in listed])
     tasks = [
         (
             root / rec.path,
             root / rec.mask_path if rec.mask_path else None,
             min_size_px,
             str(cache_dir or ""),
+            known,
         )
-        for rec in listed
+        for rec, known in zip(listed, hashes, strict=True)
     ]
     ok = []
     real_root = root.resolve()
-    inspected = parallel_map(_inspect_or_reason, tasks, n_workers, desc=f"ingest {dataset}")
+    inspected = list(parallel_map(_inspect_or_reason, tasks, n_workers, desc=f"ingest {dataset}"))
+    remember_hashes(cache_dir, [t[0] for t in tasks], [f.get("sha256", "") for f in inspected])
     for rec, found in zip(listed, inspected, strict=True):
         if "reason" in found:
             log.warning("rejected: %s", found["message"])
@@ -216,6 +235,59 @@ def ingest_images(
     # typed even when empty, so that concatenating datasets keeps the dtypes
     manifest = manifest.reindex(columns=MANIFEST_COLUMNS).astype(MANIFEST_DTYPES)
     return manifest, rejects[REJECT_COLUMNS]
+
+
+def _file_index(cache_dir: str | Path) -> Path:
+    return Path(cache_dir) / "ingest" / "files.parquet"
+
+
+def _stat(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def known_hashes(cache_dir: str | Path | None, paths: list[Path]) -> list[str]:
+    """Return the SHA-256 of each file an earlier ingest hashed, unchanged since ("" if not).
+
+    A file counts as unchanged when its path, size and mtime are those it had
+    when hashed (``results_dir/cache/ingest/files.parquet``): ingest then
+    neither reads nor decodes it again.
+    """
+    index = _file_index(cache_dir) if cache_dir else None
+    if index is None or not index.exists():
+        return [""] * len(paths)
+    try:
+        table = pd.read_parquet(index).set_index("path")
+    except (OSError, ValueError, KeyError) as err:
+        log.warning("%s: unreadable (%s); hashing every file", index, err)
+        return [""] * len(paths)
+    known = []
+    for path in paths:
+        row = table.loc[str(path)] if str(path) in table.index else None
+        same = row is not None and _stat(path) == (row["size"], row["mtime_ns"])
+        known.append(str(row["sha256"]) if same else "")
+    return known
+
+
+def remember_hashes(cache_dir: str | Path | None, paths: list[Path], shas: list[str]) -> None:
+    """Record each hashed file's path, size, mtime and SHA-256 for :func:`known_hashes`."""
+    if not cache_dir:
+        return
+    rows = [(str(p), *st, sha) for p, sha in zip(paths, shas, strict=True)
+            if sha and (st := _stat(p)) is not None]  # fmt: skip
+    new = pd.DataFrame(rows, columns=["path", "size", "mtime_ns", "sha256"])
+    index = _file_index(cache_dir)
+    if index.exists():
+        try:
+            old = pd.read_parquet(index)
+            new = pd.concat([old[~old["path"].isin(new["path"])], new], ignore_index=True)
+        except (OSError, ValueError, KeyError):
+            pass
+    with atomic_path(index) as tmp:
+        new.to_parquet(tmp, index=False)
 
 
 def _check_mask(image: Path, mask: Path, shape: tuple[int, int]) -> None:

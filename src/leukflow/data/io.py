@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -442,8 +443,64 @@ def write_crops(crops: np.ndarray, path: str | Path, attrs: Mapping[str, Any]) -
         store.append(crops)
 
 
+def same_attrs(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Whether two attribute mappings are equal once stored (as JSON: tuples are lists)."""
+    plain = lambda m: json.loads(json.dumps(dict(m), sort_keys=True, default=str))  # noqa: E731
+    return plain(a) == plain(b)
+
+
+def link_rows(source: str | Path, target: str | Path, keep_rows: int) -> int:
+    """Make ``target`` a zarr v3 store of ``source``'s first ``keep_rows`` rows, by hard links.
+
+    Every array of ``source`` (a store of one array or a group) keeps rows
+    ``[0, keep_rows)`` along its first axis: chunk files wholly inside are
+    hard-linked (no byte copied or rewritten), the one chunk cut by
+    ``keep_rows`` and the metadata files are copied (an append rewrites
+    them), later chunks are left out. ``source`` is never written, so an
+    append to ``target`` that is killed leaves it as it was.
+
+    Returns
+    -------
+    int
+        Bytes copied (the linked ones are not counted).
+    """
+    source, target = Path(source), Path(target)
+    copied = 0
+    for meta in sorted(source.rglob("zarr.json")):
+        rel = meta.parent.relative_to(source)
+        node = json.loads(meta.read_text())
+        (target / rel).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(meta, target / rel / "zarr.json")
+        copied += meta.stat().st_size
+        if node.get("node_type") != "array":
+            continue
+        rows = node["chunk_grid"]["configuration"]["chunk_shape"][0]
+        encoding = node["chunk_key_encoding"]
+        if encoding["name"] != "default" or encoding["configuration"]["separator"] != "/":
+            raise ValueError(f"{meta}: link_rows reads '/'-separated chunk keys only")
+        chunks = meta.parent / "c"
+        for chunk in chunks.rglob("*") if chunks.is_dir() else []:
+            if not chunk.is_file():
+                continue
+            start = int(chunk.relative_to(chunks).parts[0]) * rows
+            if start >= keep_rows:
+                continue
+            dest = target / chunk.relative_to(source)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if start + rows <= keep_rows:
+                os.link(chunk, dest)
+            else:
+                shutil.copy2(chunk, dest)
+                copied += chunk.stat().st_size
+    return copied
+
+
 class _StagedStore:
     """A zarr store built under a temporary name and renamed onto ``path`` when complete.
+
+    With ``base``, the staged store starts as ``base``'s first ``keep_rows``
+    rows (:func:`link_rows`) and rows are appended after them: a store grows
+    without rewriting what it held.
 
     :meth:`close` (or leaving a ``with`` block without an error) writes what
     is buffered and renames; :meth:`abort` (or an error in the block) drops
@@ -451,11 +508,14 @@ class _StagedStore:
     that a later run would trust.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, base: str | Path | None = None, keep_rows: int = 0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.", dir=self.path.parent))
         self._staged = str(self._tmp / self.path.name)
+        self.keep_rows = keep_rows if base is not None else 0
+        if base is not None:
+            link_rows(base, self._staged, keep_rows)
 
     def _flush(self) -> None:
         """Write every buffered row (each writer buffers its own)."""
@@ -497,11 +557,28 @@ class CropStoreWriter(_StagedStore):
         Side of the square crops.
     attrs : mapping
         JSON-serialisable metadata kept with the array.
+    base, keep_rows : optional
+        Start from the first ``keep_rows`` crops of the store ``base`` (same
+        crop size and attrs), hard-linked: only the new rows are written.
     """
 
-    def __init__(self, path: str | Path, roi_size_px: int, attrs: Mapping[str, Any]):
-        super().__init__(path)
+    def __init__(
+        self,
+        path: str | Path,
+        roi_size_px: int,
+        attrs: Mapping[str, Any],
+        *,
+        base: str | Path | None = None,
+        keep_rows: int = 0,
+    ):
+        super().__init__(path, base, keep_rows)
         shape = (0, roi_size_px, roi_size_px, 3)
+        if base is not None:
+            array = zarr.open_array(self._staged, mode="r+")
+            if array.shape[1:] != shape[1:] or not same_attrs(array.attrs, attrs):
+                raise ValueError(f"{base}: not a crop store of {shape[1:]} crops with these attrs")
+            self._rows = RowAppender.resume(array, keep_rows)
+            return
         self._rows = RowAppender(
             zarr.create_array(
                 store=self._staged,
@@ -560,17 +637,41 @@ class EmbeddingStoreWriter(_StagedStore):
         JSON-serialisable group attributes.
     """
 
-    def __init__(self, path: str | Path, attrs: Mapping[str, Any]):
-        super().__init__(path)
-        self.group = zarr.open_group(self._staged, mode="w", zarr_format=3)
-        self.group.attrs.update(dict(attrs))
+    def __init__(
+        self,
+        path: str | Path,
+        attrs: Mapping[str, Any],
+        *,
+        base: str | Path | None = None,
+        keep_rows: int = 0,
+    ):
+        super().__init__(path, base, keep_rows)
         self.arrays: dict[str, RowAppender] = {}
+        if base is None:
+            self.group = zarr.open_group(self._staged, mode="w", zarr_format=3)
+            self.group.attrs.update(dict(attrs))
+            return
+        # the caller vouches that the base's rows hold (e.g. the same frozen model)
+        self.group = zarr.open_group(self._staged, mode="r+")
+        self.group.attrs.put(dict(attrs))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*snakemake_timestamp")
+            found = {n: a for n, a in self.group.arrays()}
+            if "probs" in self.group:
+                found |= {f"probs/{n}": a for n, a in self.group["probs"].arrays()}
+        self.arrays = {n: RowAppender.resume(a, keep_rows) for n, a in found.items()}
 
     def add_array(self, name: str, dim: int, attrs: Mapping[str, Any]) -> RowAppender:
         """Create an empty ``(0, dim)`` float32 array; rows are added with ``append``.
 
-        ``name`` may sit in a sub-group: ``probs/fold_0``.
+        ``name`` may sit in a sub-group: ``probs/fold_0``. On a store grown
+        from a ``base`` that holds ``name`` with the same ``dim``, the base's
+        array (its attrs replaced by ``attrs``), to append to.
         """
+        found = self.arrays.get(name)
+        if found is not None and self.keep_rows and found.array.shape[1] == dim:
+            found.array.attrs.put(dict(attrs))
+            return found
         if name in self.arrays:
             raise ValueError(f"EmbeddingStoreWriter: array {name!r} already exists")
         rows = max(256, (1 << 20) // max(dim, 1))  # about 4 MiB per chunk
@@ -605,6 +706,18 @@ class RowAppender:
         self._pending: list[np.ndarray] = []
         self._n_pending = 0
 
+    @classmethod
+    def resume(cls, array: zarr.Array, keep_rows: int) -> RowAppender:
+        """Append to ``array`` after its first ``keep_rows`` rows (later rows are dropped)."""
+        if keep_rows > array.shape[0]:
+            raise ValueError(
+                f"{array.name}: {array.shape[0]} rows, fewer than {keep_rows} to keep"
+            )
+        array.resize((keep_rows, *array.shape[1:]))
+        appender = cls(array)
+        appender.n_rows = keep_rows
+        return appender
+
     def append(self, rows: np.ndarray) -> None:
         """Add rows (cast to the array's dtype) after those already written."""
         rows = np.asarray(rows, dtype=self.array.dtype)
@@ -615,7 +728,8 @@ class RowAppender:
             )
         self._pending.append(rows)
         self._n_pending += len(rows)
-        if self._n_pending >= self.array.chunks[0]:
+        # flush at the end of a chunk (of the first, when resumed mid-chunk)
+        if self.n_rows % self.array.chunks[0] + self._n_pending >= self.array.chunks[0]:
             self.flush()
 
     def flush(self) -> None:

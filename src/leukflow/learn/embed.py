@@ -19,6 +19,7 @@ import zarr
 from torch.utils.data import DataLoader, Dataset
 
 from leukflow.data import cache
+from leukflow.data.grow import common_prefix, load_mirror, save_mirror
 from leukflow.data.io import EmbeddingStoreWriter, RowAppender, sha256_file
 from leukflow.learn.hog import hog_features
 from leukflow.learn.models import (
@@ -241,7 +242,7 @@ def _image_runs(keys: Sequence[str]) -> list[tuple[str, int, int]]:
 def _frozen_embeddings(
     model: Encoder | None,
     ckpt: dict,
-    crops: zarr.Array,
+    crops: zarr.Array | np.ndarray,
     roi_keys: Sequence[str],
     cache_dir: str | Path,
     *,
@@ -270,7 +271,8 @@ def _frozen_embeddings(
         n_cached += len(block) - len(missing)
         if missing:
             rows = np.concatenate([np.arange(a, b) for _, a, b in missing])
-            emb, _ = embed_crops(model, crops.oindex[rows], dim=dim, **kwargs)
+            taken = crops[rows] if isinstance(crops, np.ndarray) else crops.oindex[rows]
+            emb, _ = embed_crops(model, taken, dim=dim, **kwargs)
             offset = 0
             for key, a, b in missing:
                 found[key] = emb[offset : offset + b - a]
@@ -301,6 +303,50 @@ def _add_arrays(
     )
 
 
+def _embed_one(
+    writer: EmbeddingStoreWriter,
+    name: str,
+    ckpt: dict,
+    sha: str,
+    crops: np.ndarray | zarr.Array | str | Path,
+    *,
+    roi_keys: Sequence[str] | None,
+    cache_dir: str | Path | None,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device | None,
+) -> None:
+    """Append one checkpoint's embeddings (and head softmax) of ``crops`` to ``writer``."""
+    model = None if ckpt["arch"] == "hog" else encoder_from_checkpoint(ckpt)
+    dim = ckpt["dim"] if model is None else model.dim
+    emb, probs = _add_arrays(writer, name, ckpt, sha, dim)
+    seen_as = {key: ckpt[key] for key in ("input_size_px", "mean", "std")}
+    seen_as["stain"] = ckpt.get("stain")  # absent from checkpoints before the option
+    if ckpt["training"] == "frozen" and cache_dir and roi_keys is not None:
+        array = zarr.open_array(str(crops), mode="r") if isinstance(
+            crops, str | Path) else crops  # fmt: skip
+        for e in _frozen_embeddings(
+            model, ckpt, array, roi_keys, cache_dir, dim=dim,
+            **seen_as, batch_size=batch_size, device=device,
+        ):  # fmt: skip
+            emb.append(e)
+        log.info("%s: embedded every ROI, %d-d", name, dim)
+        return
+    for e, p in iter_embeddings(
+        model,
+        crops,
+        **seen_as,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        with_probs=probs is not None,
+    ):
+        emb.append(e)
+        if probs is not None:
+            probs.append(p)
+    log.info("%s: embedded every ROI, %d-d", name, dim)
+
+
 def embed_rois(
     checkpoints: Sequence[str | Path],
     crops: np.ndarray | zarr.Array | str | Path,
@@ -312,6 +358,8 @@ def embed_rois(
     device: torch.device | None = None,
     roi_keys: Sequence[str] | None = None,
     cache_dir: str | Path | None = None,
+    roi_ids: Sequence[str] | None = None,
+    mirror: str | Path | None = None,
 ) -> dict:
     """Embed every ROI with each checkpoint into one embedding store.
 
@@ -335,6 +383,13 @@ def embed_rois(
         (:mod:`leukflow.data.cache`), so new images cost only themselves.
     cache_dir : str or Path, optional
         The per-image cache.
+    roi_ids : sequence of str, optional
+        Each ROI's id, for ``mirror``.
+    mirror : str or Path, optional
+        With a frozen encoder, ``roi_keys`` and ``roi_ids``, the store grows:
+        the leading ROIs (same id, same key) that the last store (its mirror,
+        :mod:`leukflow.data.grow`) holds by the same model are hard-linked,
+        and only the others embedded.
 
     Returns
     -------
@@ -351,29 +406,30 @@ def embed_rois(
     if not loaded:
         raise ValueError("embed_rois: no checkpoints given")
     attrs = store_attrs(loaded[0][1], leukflow_version=leukflow_version)
-    with EmbeddingStoreWriter(store, attrs) as writer:
+    frozen = all(ckpt["training"] == "frozen" for _, ckpt, _ in loaded)
+    grows = frozen and mirror is not None and roi_keys is not None and roi_ids is not None
+    record = {
+        "models": {name: model_digest(ckpt) for name, ckpt, _ in loaded},
+        "rows": [f"{i}|{k}" for i, k in zip(roi_ids, roi_keys, strict=True)] if grows else [],
+    }
+    base, keep = _mirror_prefix(mirror, record) if grows else (None, 0)
+    if keep:
+        crops = zarr.open_array(str(crops), mode="r") if isinstance(crops, str | Path) else crops
+        crops, roi_keys = crops[keep:], list(roi_keys)[keep:]
+        log.info("%d ROIs' embeddings linked from the last store; embedding %d", keep, len(crops))
+    with EmbeddingStoreWriter(store, attrs, base=base, keep_rows=keep) as writer:
         for name, ckpt, sha in loaded:
-            model = None if ckpt["arch"] == "hog" else encoder_from_checkpoint(ckpt)
-            dim = ckpt["dim"] if model is None else model.dim
-            emb, probs = _add_arrays(writer, name, ckpt, sha, dim)
-            seen_as = {key: ckpt[key] for key in ("input_size_px", "mean", "std")}
-            seen_as["stain"] = ckpt.get("stain")  # absent from checkpoints before the option
-            if ckpt["training"] == "frozen" and cache_dir and roi_keys is not None:
-                array = zarr.open_array(str(crops), mode="r") if isinstance(
-                    crops, str | Path) else crops  # fmt: skip
-                for e in _frozen_embeddings(
-                    model, ckpt, array, roi_keys, cache_dir, dim=dim,
-                    **seen_as, batch_size=batch_size, device=device,
-                ):  # fmt: skip
-                    emb.append(e)
-                log.info("%s: embedded every ROI, %d-d", name, dim)
-                continue
-            for e, p in iter_embeddings(
-                model, crops, **seen_as, batch_size=batch_size, num_workers=num_workers,
-                device=device, with_probs=probs is not None,
-            ):  # fmt: skip
-                emb.append(e)
-                if probs is not None:
-                    probs.append(p)
-            log.info("%s: embedded every ROI, %d-d", name, dim)
+            _embed_one(writer, name, ckpt, sha, crops, roi_keys=roi_keys, cache_dir=cache_dir,
+                       batch_size=batch_size, num_workers=num_workers, device=device)  # fmt: skip
+    if grows:
+        save_mirror(store, mirror, record)
     return attrs
+
+
+def _mirror_prefix(mirror: str | Path, record: dict) -> tuple[Path | None, int]:
+    """Return the mirror's store and how many of its rows hold (same models, same ROI keys)."""
+    base, meta = load_mirror(mirror)
+    if base is None or meta.get("models") != record["models"]:
+        return None, 0
+    keep = common_prefix(record["rows"], meta.get("rows", []))
+    return (base, keep) if keep else (None, 0)

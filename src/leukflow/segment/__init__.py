@@ -30,7 +30,7 @@ any label image, and :func:`segment_images` runs chunks of images as dask tasks
 from leukflow.segment.batch import (
     K_SCORE_COLUMNS,
     SegmentedImages,
-    batch_of,
+    batch_images,
     cache_space,
     iter_segmented,
     match_rois_to_boxes,
@@ -75,7 +75,7 @@ __all__ = [
     "FieldSegmentation",
     "SegmentParams",
     "SegmentedImages",
-    "batch_of",
+    "batch_images",
     "cache_space",
     "check_field",
     "dice",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -325,16 +324,43 @@ def workers_for_memory(threads: int, mem_mb: int | None, max_pixels: int) -> int
     return int(max(1, min(threads, mem_mb // per_worker)))
 
 
-def batch_of(image_ids: Sequence[str], n_batches: int) -> np.ndarray:
-    """Batch index of each image: a stable hash of its id modulo ``n_batches``.
+def batch_images(
+    manifest: pd.DataFrame,
+    dataset: str,
+    batch: int,
+    batch_size: int,
+    files: Sequence[str | Path] | None = None,
+) -> pd.DataFrame:
+    """Return the manifest rows of one segmentation batch, in the batch's order.
 
-    The same id always lands in the same batch, whatever the listing order and
-    the other images, so batches do not shift when images are added.
+    Parameters
+    ----------
+    manifest : pandas.DataFrame
+        The run's manifest.
+    dataset, batch : str, int
+        Which batch.
+    batch_size : int
+        Images per batch, for a batch without ``files``.
+    files : sequence of path, optional
+        The image files of the batch's members (from the batch ledger,
+        :mod:`leukflow.segment.ledger`), in ledger order; their mask files may be
+        listed too and are ignored. Without them the batch is the
+        ``batch``-th slice of ``batch_size`` of the dataset's sorted ids, what
+        a first ledger gives.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The members' manifest rows (a member that ingest rejected has none).
     """
-    return np.array(
-        [int(hashlib.sha1(i.encode()).hexdigest()[:8], 16) % n_batches for i in image_ids],
-        dtype=np.int64,
-    )
+    images = manifest[manifest["dataset"] == dataset]
+    if files is None:
+        images = images.sort_values("image_id", kind="stable")
+        return images.iloc[batch * batch_size : (batch + 1) * batch_size]
+    where = [str(Path(r) / p) for r, p in zip(images["root"], images["path"], strict=True)]
+    rank = {str(f): i for i, f in enumerate(files)}
+    order = pd.Series([rank.get(w, -1) for w in where], index=images.index)
+    return images.loc[order[order >= 0].sort_values(kind="stable").index]
 
 
 def summarise_k_scores(k_scores: pd.DataFrame, labels: pd.Series) -> pd.DataFrame:
