@@ -140,11 +140,16 @@ def test_e2e_pooled_metrics_with_bootstrap_cis_and_per_class_table(e2e_run):
     metrics = pd.read_csv(out / "metrics.csv", dtype={"fold": str})
     assert not metrics["leaky"].any()
     pooled = metrics[metrics["fold"] == "pooled"]
-    assert len(pooled) == 2 * 2 * 9  # classifiers x levels x metrics
+    own = pooled["control"] == "none"
+    assert own.sum() == 2 * 2 * 9  # classifiers x levels x metrics
+    # the reliance test's two kinds, the same table each
+    assert pooled.loc[~own, "control"].value_counts().to_dict() == {
+        "reliance_cell_only": 36, "reliance_swapped_background": 36
+    }  # fmt: skip
     not_pooled = metrics.loc[metrics["fold"] != "pooled", ["metric", "ci_low", "ci_high"]]
     assert not_pooled.isna().all().all()
     preds = pd.read_parquet(out / "evaluate" / "demo" / "resnet18" / "image_predictions.parquet")
-    for (clf, level), part in pooled.groupby(["classifier", "level"]):
+    for (clf, level), part in pooled[own].groupby(["classifier", "level"]):
         rows = part.set_index("metric")
         acc = rows.loc["accuracy"]
         assert acc["ci_low"] <= acc["accuracy"] <= acc["ci_high"]
@@ -188,9 +193,9 @@ def test_e2e_every_rule_logged_and_benchmarked_and_rerun_does_nothing(e2e_run):
     work, out = e2e_run
     logs = list((out / "logs").rglob("*.log"))
     benches = list((out / "benchmarks").rglob("*.tsv"))
-    # ingest, segment batch, merge, gather, QA, folds, 3 x train, embed, fit, summarise,
-    # compare, provenance
-    assert len(logs) == len(benches) == 14
+    # ingest, segment batch, merge, gather, QA, folds, 3 x train, embed, fit, reliance test,
+    # summarise, compare, provenance
+    assert len(logs) == len(benches) == 15
     assert all("leukflow 0.1.0" in p.read_text() for p in logs)
     rerun = snakemake(work, "--configfile", "my.yaml", "-n")
     assert rerun.returncode == 0
@@ -241,7 +246,8 @@ def test_e2e_a_changed_parameter_redoes_its_stage_and_what_follows_only(e2e_run)
         work, "knn.yaml", lambda c: c["classifiers"]["knn"].update(n_neighbors=5)
     )
     assert refit == {
-        "fit_classifiers", "summarise_metrics", "compare_to_papers", "write_provenance", "all"
+        "fit_classifiers", "reliance_test", "summarise_metrics", "compare_to_papers",
+        "write_provenance", "all",
     }  # fmt: skip
     resegment = _planned_after_edit(
         work, "seg.yaml", lambda c: c["segmentation"].update(min_area_px=300)
