@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from crepes import ConformalClassifier
+from PIL import Image
 
 from leukflow.deploy.predict import load_predictor, predict_images, review_queue
 from leukflow.evaluate import conformal
@@ -258,7 +259,10 @@ def test_e2e_sets_review_tables_and_predict(e2e_run):
     assert image_rows["calibration_too_small"].all()
     assert "fewer than 1/alpha - 1 = 9" in (out / "logs" / "evaluate" / "demo" /
                                             "resnet18.log").read_text()  # fmt: skip
-    assert (out / "plots" / "demo" / "resnet18" / "knn_risk_coverage.png").stat().st_size > 0
+    with Image.open(out / "plots" / "demo" / "resnet18" / "knn_risk_coverage.png") as plot:
+        pixels = np.asarray(plot.convert("L"))
+    assert min(pixels.shape) > 200
+    assert (pixels < 128).mean() > 0.005
     # predict with one fold's model gives the set the run gave that fold's test ROIs
     saved_knn = roi[(roi["classifier"] == "knn") & (roi["fold"] == 1)].set_index("roi_id")
     predictor = load_predictor(out, classifier="knn", folds=[1])
@@ -271,3 +275,54 @@ def test_e2e_sets_review_tables_and_predict(e2e_run):
     queue = review_queue(rois)
     assert len(queue) == rois["review"].sum()
     assert queue["confidence"].is_monotonic_increasing
+
+
+class _OnePlan:
+    """A run plan stand-in whose every conformal.json is one file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def fitted_file(self, *_):
+        return self.path
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("{not json", "Expecting property name"),
+        ('{"enabled": true, "models": ["knn"]}', "has no attribute"),
+        (
+            '{"enabled": true, "image_rule": "any", "image_review_share": 0.5,'
+            ' "models": {"knn": {"0": {"roi": {"threshold": "rm -rf"}}}}}',
+            "not a number",
+        ),
+        (
+            '{"enabled": true, "image_rule": "any", "image_review_share": 0.5,'
+            ' "models": {"knn": {"1": {"roi": {"threshold": 0.3}}}}}',
+            "'0'",
+        ),
+        (
+            '{"enabled": true, "image_rule": "__import__", "models": {"knn": {"0": {}}}}',
+            "image_rule",
+        ),
+    ],
+)
+def test_a_crafted_conformal_json_is_refused_naming_the_file(tmp_path, text, problem):
+    from leukflow.deploy.predict import ModelMismatchError, _conformal_file
+
+    path = tmp_path / "conformal.json"
+    path.write_text(text)
+    with pytest.raises(ModelMismatchError, match=f"{path}.*{problem}"):
+        _conformal_file(_OnePlan(path), "d", "enc", "knn", [], folds={0})
+
+
+def test_a_conformal_json_leukflow_wrote_is_read_back(tmp_path):
+    from leukflow.deploy.predict import _conformal_file
+
+    path = tmp_path / "conformal.json"
+    roi = {"threshold": 0.4, "class_thresholds": {"ALL": None}}
+    path.write_text(json.dumps({"enabled": True, "image_rule": "share", "image_review_share": 0.5,
+                                "models": {"knn": {"0": {"roi": roi}}}}))  # fmt: skip
+    read = _conformal_file(_OnePlan(path), "d", "enc", "knn", [], folds={0})
+    assert read["models"] == {"0": {"roi": roi}}

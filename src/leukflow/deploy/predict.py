@@ -398,26 +398,56 @@ def load_predictor(
         chunk_size=int(config["segmentation"]["chunk_size"]),
         notes=notes,
         vote=plan.ensembles[classifier]["vote"] if encoder == ENSEMBLE else "",
-        conformal=_conformal_file(plan, dataset, encoder, classifier, notes),
+        conformal=_conformal_file(
+            plan, dataset, encoder, classifier, notes, folds={f.fold for f in fold_models}
+        ),
     )
 
 
 def _conformal_file(
-    plan: RunPlan, dataset: str, encoder: str, classifier: str, notes: list[str]
+    plan: RunPlan,
+    dataset: str,
+    encoder: str,
+    classifier: str,
+    notes: list[str],
+    *,
+    folds: set[int],
 ) -> dict | None:
-    """Read the model's conformal.json (plain JSON); None, with a note, when absent or off."""
+    """Read the model's conformal.json (plain JSON); None, with a note, when absent or off.
+
+    The file comes from a results folder, which may not be this user's: it is
+    checked to hold, for every fold, numbers where thresholds belong, and is
+    refused naming the file otherwise (:class:`ModelMismatchError`).
+    """
     if encoder == ENSEMBLE:
         path = Path(plan.ensemble_file("conformal.json", dataset, classifier))
     elif classifier == CNN_SOFTMAX:
         path = Path(plan.head_file("conformal.json", dataset, encoder))
     else:
         path = Path(plan.fitted_file("conformal.json", dataset, encoder))
-    saved = json.loads(path.read_text()) if path.is_file() else {}
-    models = (saved.get("models") or {}).get(classifier)
-    if not saved.get("enabled") or not models:
-        notes.append(f"no conformal thresholds in {path}: prediction_set and review are empty")
-        return None
+    try:
+        saved = json.loads(path.read_text()) if path.is_file() else {}
+        models = (saved.get("models") or {}).get(classifier)
+        if not saved.get("enabled") or not models:
+            notes.append(f"no conformal thresholds in {path}: prediction_set and review are empty")
+            return None
+        _check_conformal(saved, models, folds)
+    except (ValueError, TypeError, AttributeError, KeyError) as err:
+        raise ModelMismatchError(f"load_predictor: {path} is not a conformal.json leukflow "
+                                 f"wrote: {err}") from None  # fmt: skip
     return {**saved, "models": models}
+
+
+def _check_conformal(saved: dict, models: dict, folds: set[int]) -> None:
+    """Raise ValueError unless ``models`` holds numeric ROI thresholds for every fold."""
+    if saved.get("image_rule") not in ("any", "share"):
+        raise ValueError(f"image_rule {saved.get('image_rule')!s:.40} is not 'any' or 'share'")
+    float(saved["image_review_share"])
+    for fold in sorted(folds):
+        roi = models[str(fold)]["roi"]
+        limits = [roi["threshold"], *dict(roi.get("class_thresholds", {})).values()]
+        if not all(t is None or isinstance(t, int | float) for t in limits):
+            raise ValueError(f"fold {fold}: a threshold is not a number")
 
 
 def _run_config(config: dict, where: str) -> dict:
