@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import json
 import warnings
 
 import numpy as np
@@ -467,3 +468,11 @@ def test_crop_store_grows_by_linking_the_parts_it_holds(tmp_path):
     assert grow(parts)["parts_kept"] == 3
     # other attrs: written whole
     assert grow_crops(out, parts, roi_size_px=8, attrs={"m": 2}, mirror=mirror)["rows_kept"] == 0
+    # a parts record of another shape (a crafted or foreign cache): written whole, same crops
+    assert grow(parts)["rows_kept"] == 0  # back to attrs {"m": 1}
+    assert grow(parts)["rows_kept"] == len(whole)
+    record = json.loads((mirror / "parts.json").read_text())
+    for bad_parts in ([[parts[0][0], "200"]], [[parts[0][0], -5]], {"x": 1}):
+        (mirror / "parts.json").write_text(json.dumps({**record, "parts": bad_parts}))
+        assert grow(parts)["rows_kept"] == 0
+        np.testing.assert_array_equal(read_crops(out), whole)

@@ -52,8 +52,24 @@ def load_mirror(mirror: str | Path) -> tuple[Path | None, dict[str, Any]]:
         if mirror.exists():
             log.warning("%s: unreadable store mirror (%s); writing the store whole", mirror, err)
         return None, {}
+    if not _is_parts_record(meta):
+        log.warning("%s: a parts record leukflow did not write; writing the store whole", mirror)
+        return None, {}
     store = mirror / "store"
     return (store, meta) if store.is_dir() else (None, {})
+
+
+def _is_parts_record(meta: Any) -> bool:
+    """Whether ``meta`` has the shape :func:`save_mirror` writes: a cache is read, not trusted."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("attrs", {}), dict):
+        return False
+    rows, parts = meta.get("rows", []), meta.get("parts", [])
+    return (
+        isinstance(rows, list) and all(isinstance(r, str) for r in rows)
+        and isinstance(parts, list)
+        and all(isinstance(q, list) and len(q) == 2 and isinstance(q[0], str)
+                and isinstance(q[1], int) and q[1] >= 0 for q in parts)
+    )  # fmt: skip
 
 
 def save_mirror(store: str | Path, mirror: str | Path, meta: Mapping[str, Any]) -> None:
