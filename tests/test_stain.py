@@ -239,6 +239,30 @@ def test_group_norm_checkpoint_rebuilds_its_network():
         build_encoder("small_cnn", 2, input_size_px=32, norm="layer")
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"method": "reinhard", "mean": [1, 2], "std": [1, 1, 1]},
+        {"method": "reinhard", "mean": ["a", "b", "c"], "std": [1, 1, 1]},
+        {"method": "macenko", "stains": [[1, 2, 3]], "max_c": [1, 1]},
+        {"method": "macenko", "stains": [[1, 0], [0, 1], [1, 1]], "max_c": [float("nan"), 1]},
+        {"method": "__import__"},
+        "reinhard",
+    ],
+)
+def test_a_checkpoint_with_a_malformed_stain_target_is_unreadable(tmp_path, bad):
+    from leukflow.data.io import InvalidInputError
+    from leukflow.learn.models import load_checkpoint
+
+    crops, _ = _smear_crops(8)
+    for method in stain.STAIN_METHODS:  # what training writes passes
+        stain.check_stain_target(stain.fit_stain_target(crops, method))
+    path = tmp_path / "encoder.pt"
+    torch.save({"arch": "small_cnn", "stain": bad}, path)
+    with pytest.raises(InvalidInputError, match=f"{path}: stain target"):
+        load_checkpoint(path)
+
+
 @pytest.mark.e2e
 def test_e2e_checkpoint_records_the_colour_options_that_predict_applies(kinds_run):
     """kinds_run's ``small`` encoder trains with group norm, HED jitter and Reinhard.

@@ -31,6 +31,7 @@ from torch.nn import functional as F
 
 from leukflow.data.io import InvalidInputError, atomic_path
 from leukflow.learn.nets import SmallCNN, Xception, YOLOv8Cls
+from leukflow.learn.stain import check_stain_target
 
 log = logging.getLogger(__name__)
 
@@ -404,6 +405,10 @@ def load_checkpoint(path: str | Path) -> dict:
         raise InvalidInputError(
             "unreadable", f"{path}: expected a checkpoint dict; got {type(checkpoint).__name__}"
         )
+    try:
+        check_stain_target(checkpoint.get("stain"))
+    except ValueError as err:
+        raise InvalidInputError("unreadable", f"{path}: {err}") from None
     return checkpoint
 
 

@@ -267,6 +267,30 @@ def fit_stain_target(crops: np.ndarray, method: str, *, max_pixels: int = 262_14
     return {"method": method, "stains": stains[0].tolist(), "max_c": max_c[0].tolist()}
 
 
+#: The finite numbers each method's target holds, by key and shape.
+_TARGET_SHAPES = {"reinhard": {"mean": (3,), "std": (3,)},
+                  "macenko": {"stains": (3, 2), "max_c": (2,)}}  # fmt: skip
+
+
+def check_stain_target(target: object) -> None:
+    """Raise ValueError unless ``target`` has the shape :func:`fit_stain_target` gives.
+
+    A checkpoint may come from someone else's results folder: its target is
+    checked before any crop is normalised with it.
+    """
+    if target is None:
+        return
+    if not isinstance(target, dict) or target.get("method") not in STAIN_METHODS:
+        raise ValueError(f"stain target: expected a method among {STAIN_METHODS}")
+    for key, shape in _TARGET_SHAPES.get(target["method"], {}).items():
+        try:
+            values = np.asarray(target[key], dtype=np.float64)
+        except (KeyError, TypeError, ValueError):
+            values = None
+        if values is None or values.shape != shape or not np.isfinite(values).all():
+            raise ValueError(f"stain target: {key} must be {shape} finite numbers")
+
+
 def _unit(crops: np.ndarray) -> torch.Tensor:
     """``(n, H, W, 3)`` uint8 -> ``(n, 3, H, W)`` float64 in [0, 1] (fits in double)."""
     return torch.from_numpy(np.ascontiguousarray(crops)).permute(0, 3, 1, 2).double() / 255.0
